@@ -1,0 +1,3 @@
+from rtpproxy.cli import main
+
+main()

@@ -1,0 +1,246 @@
+"""Command line: `rtpproxy run` (also sippy rtpproxy's bare flags), `ctl`, `version`.
+
+Written for typer 0.7 (Debian 12) and later: parameters use typer.Option defaults,
+never Annotated. Domain errors become exit codes here: 2 for bad flags or config,
+1 for runtime failures.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import logging.handlers
+import os
+import resource
+import sys
+from typing import List, Optional
+
+import typer
+
+from rtpproxy import __version__
+from rtpproxy.config import (
+    DEFAULT_CONTROL,
+    Config,
+    check,
+    parse_binds,
+    parse_control,
+    parse_notify,
+)
+from rtpproxy.errors import ConfigError, RtpproxyError
+
+app = typer.Typer(add_completion=False, no_args_is_help=False,
+                  help="Media relay for SIP platforms, speaking the rtpproxy control protocol.")
+
+LEVELS = {"DBUG": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARN": logging.WARNING,
+          "WARNING": logging.WARNING, "ERR": logging.ERROR, "ERROR": logging.ERROR, "CRIT": logging.CRITICAL}
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"rtpproxy: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def build_config(listen, listen6, advertised, control, min_port, max_port, ttl, setup_ttl, independent_ttl,
+                 notify, pidfile, user, force_root, foreground, debug, nofile, sequential, tos,
+                 backend, workers) -> Config:
+    cfg = Config()
+    if listen:
+        cfg.ipv4 = parse_binds(listen, "-l", 4, advertised)
+    if listen6:
+        cfg.ipv6 = parse_binds(listen6, "-6", 6, None if listen else advertised)
+    if not listen and not listen6:
+        cfg.ipv4 = parse_binds("*", "-l", 4)
+    cfg.control = [parse_control(c) for c in (control or [DEFAULT_CONTROL])]
+    cfg.notify = [parse_notify(n) for n in (notify or [])]
+    cfg.min_port, cfg.max_port = min_port, max_port
+    cfg.ttl = ttl
+    cfg.setup_ttl = setup_ttl if setup_ttl is not None else ttl
+    cfg.independent_ttl = independent_ttl
+    cfg.pidfile = pidfile
+    if user:
+        cfg.user, _, grp = user.partition(":")
+        cfg.group = grp or None
+    cfg.force_root = force_root
+    cfg.foreground = foreground
+    level, _, facility = (debug or "INFO").partition(":")
+    if level.upper() not in LEVELS:
+        raise ConfigError("-d", f"{level!r}: use DBUG, INFO, WARN, ERR or CRIT (optionally :FACILITY)")
+    cfg.log_level = level.upper()
+    cfg.log_facility = facility or "daemon"
+    cfg.nofile = nofile
+    cfg.sequential_ports = sequential
+    try:
+        cfg.tos = int(tos, 0)
+    except ValueError:
+        raise ConfigError("-t", f"{tos!r} is not a number (e.g. 0xb8)") from None
+    if not 0 <= cfg.tos <= 255:
+        raise ConfigError("-t", "TOS must be 0..255")
+    cfg.backend = backend
+    cfg.workers = workers
+    check(cfg)
+    if os.geteuid() == 0 and not cfg.user and not cfg.force_root and \
+            any(c.kind in ("udp", "udp6") for c in cfg.control):
+        raise ConfigError("-u", "running as root with a UDP control socket is refused (as rtpproxy does): "
+                                "give -u USER[:GROUP] to drop privileges, or -F to run as root anyway")
+    return cfg
+
+
+def setup_logging(cfg: Config) -> None:
+    root = logging.getLogger("rtpproxy")
+    root.setLevel(LEVELS[cfg.log_level])
+    root.handlers.clear()
+    if cfg.foreground:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).4s %(name)s: %(message)s"))
+    else:
+        facility = logging.handlers.SysLogHandler.facility_names.get(cfg.log_facility.lower())
+        if facility is None:
+            raise ConfigError("-d", f"unknown syslog facility {cfg.log_facility!r}")
+        handler = logging.handlers.SysLogHandler("/dev/log", facility=facility)
+        handler.setFormatter(logging.Formatter("rtpproxy[%(process)d]: %(message)s"))
+    root.addHandler(handler)
+
+
+def _daemonize() -> int:
+    """Fork into the background as rtpproxy does without -f. The parent waits until the child
+    is serving (exit 0) or failed (exit 1), so init scripts see start-up errors. Returns the
+    write end of the readiness pipe in the child."""
+    rfd, wfd = os.pipe()
+    if os.fork() > 0:
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as r:
+            status = r.read()
+        if status.startswith(b"ok"):
+            os._exit(0)
+        sys.stderr.write(status.decode(errors="replace") or "rtpproxy: failed to start\n")
+        os._exit(1)
+    os.close(rfd)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(null, fd)
+    return wfd
+
+
+@app.command()
+def run(
+    listen: Optional[str] = typer.Option(None, "-l", "--listen", help="IPv4 media address; ADDR or INTERNAL/EXTERNAL (bridge). '*' = any."),
+    listen6: Optional[str] = typer.Option(None, "-6", "--listen6", help="IPv6 media address; ADDR or INTERNAL/EXTERNAL."),
+    advertised: Optional[str] = typer.Option(None, "-A", "--advertise", help="Address(es) shown in U/L replies: ADV or ADV1/ADV2."),
+    control: Optional[List[str]] = typer.Option(None, "-s", "--control", help=f"Control socket, repeatable: udp:HOST:PORT, udp6:, tcp:, unix:/PATH, cunix:/PATH, stdio:. Default {DEFAULT_CONTROL}."),
+    min_port: int = typer.Option(35000, "-m", "--min-port", help="Lowest media port."),
+    max_port: int = typer.Option(65000, "-M", "--max-port", help="Highest media port."),
+    ttl: int = typer.Option(60, "-T", "--ttl", help="Seconds without media before an established session ends."),
+    setup_ttl: Optional[int] = typer.Option(None, "-W", "--setup-ttl", help="Same, before the answer (L) arrived. Default: -T."),
+    independent_ttl: bool = typer.Option(False, "-i", "--independent-ttl", help="Each direction needs its own media to stay alive."),
+    notify: Optional[List[str]] = typer.Option(None, "-n", "--notify", help="Allowed timeout-notification target, repeatable: unix:/PATH or tcp:HOST:PORT."),
+    pidfile: Optional[str] = typer.Option(None, "-p", "--pidfile", help="Write the process id here; removed on exit."),
+    user: Optional[str] = typer.Option(None, "-u", "--user", help="Drop privileges to USER[:GROUP] once sockets are open."),
+    force_root: bool = typer.Option(False, "-F", help="Allow running as root with a UDP control socket."),
+    foreground: bool = typer.Option(False, "-f", "--foreground", help="Stay in the foreground (always so for 'run')."),
+    debug: Optional[str] = typer.Option(None, "-d", "--debug", help="Log level DBUG|INFO|WARN|ERR|CRIT[:syslog facility]."),
+    nofile: Optional[int] = typer.Option(None, "-L", "--nofile", help="Raise the open-file limit to this."),
+    sequential: bool = typer.Option(False, "-b", "--sequential-ports", help="Allocate ports in order instead of at random."),
+    tos: str = typer.Option("0xb8", "-t", "--tos", help="IP TOS/traffic class of media packets."),
+    backend: str = typer.Option("auto", "--backend", help="Media engine: auto (C when built), c, or py."),
+    workers: int = typer.Option(0, "--workers", help="C engine worker threads; 0 = one per core."),
+    legacy: bool = typer.Option(False, "--legacy-invocation", hidden=True),
+) -> None:
+    """Run the relay. Without a subcommand, rtpproxy takes the same flags and, like sippy's
+    rtpproxy, goes to the background unless -f is given."""
+    try:
+        cfg = build_config(listen, listen6, advertised, control, min_port, max_port, ttl, setup_ttl,
+                           independent_ttl, notify, pidfile, user, force_root, foreground or not legacy,
+                           debug, nofile, sequential, tos, backend, workers)
+        setup_logging(cfg)
+        if cfg.nofile:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (cfg.nofile, cfg.nofile))
+            except (ValueError, OSError) as exc:
+                raise ConfigError("-L", f"cannot raise the open-file limit to {cfg.nofile}: {exc}") from None
+    except ConfigError as exc:
+        fail(str(exc))
+    from rtpproxy.daemon import Daemon  # noqa: PLC0415 - keeps `rtpproxy ctl` start-up light
+
+    ready_fd = None if cfg.foreground else _daemonize()
+
+    def ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, b"ok")
+            os.close(ready_fd)
+            os.dup2(os.open(os.devnull, os.O_RDWR), 2)
+
+    try:
+        code = asyncio.run(Daemon(cfg, on_ready=ready).run())
+    except ConfigError as exc:
+        _report(ready_fd, str(exc))
+        raise typer.Exit(2)
+    except (RtpproxyError, OSError) as exc:
+        _report(ready_fd, f"cannot start: {exc}")
+        raise typer.Exit(1)
+    raise typer.Exit(code)
+
+
+def _report(ready_fd: Optional[int], message: str) -> None:
+    logging.getLogger("rtpproxy").error("%s", message)
+    if ready_fd is not None:
+        try:
+            os.write(ready_fd, f"rtpproxy: error: {message}\n".encode())
+        except OSError:
+            pass
+    else:
+        typer.echo(f"rtpproxy: error: {message}", err=True)
+
+
+@app.command()
+def ctl(
+    command: List[str] = typer.Argument(..., help="The command and its arguments, e.g. V or VF 20050322."),
+    control: str = typer.Option(DEFAULT_CONTROL, "-s", "--control", help="Control socket of the daemon."),
+    timeout: float = typer.Option(2.0, "--timeout", help="Seconds to wait for the reply."),
+) -> None:
+    """Send one control command to a running daemon and print the reply."""
+    from rtpproxy.control.client import ControlClient  # noqa: PLC0415
+
+    try:
+        spec = parse_control(control)
+        reply = ControlClient(spec, timeout).send(" ".join(command))
+    except ConfigError as exc:
+        fail(str(exc))
+    except (OSError, TimeoutError) as exc:
+        fail(f"no reply from {control}: {exc}", 1)
+    typer.echo(reply)
+    if reply.startswith("E") and reply[1:].isdigit():
+        raise typer.Exit(1)
+
+
+@app.command()
+def version() -> None:
+    """Print the version, the protocol version and the media engine in use."""
+    from rtpproxy.relay import c_engine_available  # noqa: PLC0415
+
+    why = c_engine_available()
+    typer.echo(f"rtpproxy {__version__} (control protocol 20040107, engine: {'c' if why is None else 'py — ' + why})")
+
+
+LEGACY_INFO = {"-V", "-v", "-C"}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) == 1 and args[0] in LEGACY_INFO:
+        from rtpproxy.control.commands import CAPABILITIES  # noqa: PLC0415
+
+        if args[0] == "-V":
+            typer.echo(__version__)
+        elif args[0] == "-v":
+            typer.echo("Basic version: 20040107")
+            for date in sorted(CAPABILITIES - {"20040107"}):
+                typer.echo(f"Extension {date}")
+        else:
+            typer.echo("CLOCK_MONOTONIC")
+        return
+    if args and args[0].startswith("-") and args[0] not in ("--help", "-h"):
+        args = ["run", "--legacy-invocation", *args]       # sippy-style: flags without a subcommand
+    app(args=args, prog_name="rtpproxy")

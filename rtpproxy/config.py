@@ -1,0 +1,197 @@
+"""The daemon's configuration: one dataclass built from flags (cli.py) and parsers
+for the flag values. Nothing is read at import time."""
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from rtpproxy.errors import ConfigError
+
+DEFAULT_CONTROL = "unix:/var/run/rtpproxy.sock"
+DEFAULT_UDP_PORT = 22222
+
+
+@dataclass(frozen=True)
+class Bind:
+    """One local media address; advertised is what U/L replies show (None: the bind address)."""
+
+    host: str
+    advertised: Optional[str] = None
+
+    @property
+    def wildcard(self) -> bool:
+        return self.host in ("0.0.0.0", "::")
+
+    @property
+    def shown(self) -> Optional[str]:
+        """Address in U/L replies; None means 'port only' (wildcard bind, as rtpproxy does)."""
+        return None if self.wildcard else (self.advertised or self.host)
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    kind: str                    # udp, udp6, unix, cunix, tcp, tcp6, stdio
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.kind in ("unix", "cunix"):
+            return f"{self.kind}:{self.path}"
+        if self.kind == "stdio":
+            return "stdio:"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.kind}:{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class NotifyTarget:
+    spec: str                    # as given with -n, normalised (bare path -> unix:path)
+    kind: str                    # unix or tcp
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+
+@dataclass
+class Config:
+    ipv4: list[Bind] = field(default_factory=list)       # 1 address, or 2 in bridge mode (internal/external)
+    ipv6: list[Bind] = field(default_factory=list)
+    control: list[ControlSpec] = field(default_factory=list)
+    notify: list[NotifyTarget] = field(default_factory=list)
+    min_port: int = 35000
+    max_port: int = 65000
+    ttl: int = 60
+    setup_ttl: int = 60
+    independent_ttl: bool = False
+    sequential_ports: bool = False
+    tos: int = 0xB8
+    foreground: bool = True
+    pidfile: Optional[str] = None
+    user: Optional[str] = None
+    group: Optional[str] = None
+    force_root: bool = False
+    log_level: str = "INFO"
+    log_facility: str = "daemon"
+    nofile: Optional[int] = None
+    backend: str = "auto"
+    workers: int = 0                                      # 0: one per core
+
+    @property
+    def bridge(self) -> bool:
+        return len(self.ipv4) == 2 or len(self.ipv6) == 2
+
+    @property
+    def max_streams(self) -> int:
+        """Engine stream slots: at most one media socket per port and bind address."""
+        return (self.max_port - self.min_port + 2) * max(1, len(self.ipv4) + len(self.ipv6))
+
+
+def _numeric_host(value: str, flag: str, version: Optional[int] = None) -> str:
+    if value in ("*", ""):
+        return "::" if version == 6 else "0.0.0.0"
+    try:
+        ip = ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        raise ConfigError(flag, f"{value!r} is not a numeric IP address") from None
+    if version and ip.version != version:
+        raise ConfigError(flag, f"{value!r} is not an IPv{version} address")
+    return str(ip)
+
+
+def parse_binds(value: str, flag: str, version: int, advertised: Optional[str] = None) -> list[Bind]:
+    """-l / -6 value: 'addr' or bridge 'internal/external'; -A gives 'adv' or 'adv1/adv2'."""
+    hosts = value.split("/")
+    advs = advertised.split("/") if advertised else []
+    if len(hosts) > 2 or len(advs) > len(hosts):
+        raise ConfigError(flag, f"{value!r}: use ADDR or INTERNAL/EXTERNAL (with -A ADV or ADV1/ADV2)")
+    out = []
+    for i, h in enumerate(hosts):
+        adv = _numeric_host(advs[i], "-A") if i < len(advs) and advs[i] else None
+        out.append(Bind(_numeric_host(h, flag, version), adv))
+    return out
+
+
+def parse_control(value: str) -> ControlSpec:
+    """-s value, in rtpproxy's forms: udp:HOST[:PORT], udp6:, tcp:, tcp6:, unix:PATH, cunix:PATH,
+    a bare /path (unix), stdio:."""
+    if value.startswith("/"):
+        return ControlSpec("unix", path=value)
+    kind, sep, rest = value.partition(":")
+    if not sep:
+        raise ConfigError("-s", f"{value!r}: use udp:HOST:PORT, udp6:, tcp:, unix:/PATH, cunix:/PATH or stdio:")
+    kind = kind.lower()
+    if kind in ("unix", "cunix"):
+        if not rest:
+            raise ConfigError("-s", f"{value!r}: a path is required")
+        return ControlSpec(kind, path=rest)
+    if kind in ("stdio", "stdioc"):
+        return ControlSpec("stdio")
+    if kind not in ("udp", "udp6", "tcp", "tcp6"):
+        raise ConfigError("-s", f"{value!r}: unknown transport {kind!r}")
+    version = 6 if kind.endswith("6") else 4
+    host, port = _split_host_port(rest, version, "-s")
+    return ControlSpec(kind, host=_numeric_host(host, "-s", version), port=port or DEFAULT_UDP_PORT)
+
+
+def _split_host_port(rest: str, version: int, flag: str) -> tuple[str, int]:
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        port = tail[1:] if tail.startswith(":") else ""
+    elif version == 6 and _is_ipv6(rest):
+        host, port = rest, ""
+    else:
+        host, _, port = rest.rpartition(":") if rest.count(":") else (rest, "", "")
+        if not host and port and not port.isdigit():
+            host, port = port, ""
+    if port and (not port.isdigit() or not 0 < int(port) < 65536):
+        raise ConfigError(flag, f"{rest!r}: port must be 1..65535")
+    return host, int(port) if port else 0
+
+
+def _is_ipv6(s: str) -> bool:
+    try:
+        return ipaddress.ip_address(s).version == 6
+    except ValueError:
+        return False
+
+
+def parse_notify(value: str) -> NotifyTarget:
+    """-n value: unix:/path, a bare /path, tcp:HOST:PORT or tcp:%%CC_SELF%%:PORT."""
+    if value.startswith("/"):
+        return NotifyTarget(f"unix:{value}", "unix", path=value)
+    kind, sep, rest = value.partition(":")
+    if kind == "unix" and rest:
+        return NotifyTarget(value, "unix", path=rest)
+    if kind == "tcp" and rest:
+        host, port = _split_host_port(rest, 4, "-n")
+        if not port:
+            raise ConfigError("-n", f"{value!r}: a port is required")
+        if host != "%%CC_SELF%%":
+            host = _numeric_host(host, "-n")
+        return NotifyTarget(value, "tcp", host=host, port=port)
+    raise ConfigError("-n", f"{value!r}: use unix:/PATH, /PATH, tcp:HOST:PORT or tcp:%%CC_SELF%%:PORT")
+
+
+def check(cfg: Config) -> None:
+    """Cross-field checks; raises ConfigError naming the flag and the fix."""
+    if not 1024 <= cfg.min_port <= 65534:
+        raise ConfigError("-m", f"{cfg.min_port}: the lowest media port must be 1024..65534")
+    if not cfg.min_port < cfg.max_port <= 65535:
+        raise ConfigError("-M", f"{cfg.max_port}: must be above -m ({cfg.min_port}) and at most 65535")
+    if cfg.max_port - cfg.min_port < 3:
+        raise ConfigError("-M", "the port range must hold at least one RTP/RTCP pair")
+    if cfg.ttl <= 0 or cfg.setup_ttl <= 0:
+        raise ConfigError("-T" if cfg.ttl <= 0 else "-W", "timeouts must be positive seconds")
+    if not cfg.control:
+        raise ConfigError("-s", "at least one control socket is needed")
+    if any(c.kind == "stdio" for c in cfg.control) and not cfg.foreground:
+        raise ConfigError("-s", "stdio: needs -f (foreground), as in rtpproxy")
+    if cfg.workers < 0 or cfg.workers > 256:
+        raise ConfigError("--workers", "must be 0 (one per core) to 256")
+    if cfg.nofile is not None and cfg.nofile < 64:
+        raise ConfigError("-L", "the open-file limit must be at least 64")
+    if cfg.pidfile and not os.path.isdir(os.path.dirname(os.path.abspath(cfg.pidfile))):
+        raise ConfigError("-p", f"{cfg.pidfile}: the directory does not exist")

@@ -1,0 +1,1 @@
+"""Control protocols: the legacy rtpproxy protocol (rtpp.py), its commands and transports."""

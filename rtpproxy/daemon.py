@@ -1,0 +1,151 @@
+"""Wiring only: loop, engine, control endpoints, signals, pidfile, privileges, shutdown."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from typing import Callable, Optional
+
+from rtpproxy.config import Config
+from rtpproxy.control.commands import Commands
+from rtpproxy.control.transports import StreamControl, UdpControl
+from rtpproxy.errors import ConfigError
+from rtpproxy.notify import Notifier
+from rtpproxy.relay import open_engine
+from rtpproxy.service import MediaService
+
+log = logging.getLogger("rtpproxy")
+
+TICK_S = 1.0
+
+
+def _sd_notify(message: str) -> None:
+    """systemd's readiness protocol, spoken directly (no python3-systemd needed)."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(message.encode(), path)
+        except OSError as exc:
+            log.warning("sd_notify failed: %s", exc)
+
+
+def drop_privileges(user: str, group: Optional[str]) -> None:
+    import grp
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError("-u", f"no such user {user!r}") from None
+    gid = pw.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError("-u", f"no such group {group!r}") from None
+    os.setgroups([gid])
+    os.setgid(gid)
+    os.setuid(pw.pw_uid)
+
+
+class Daemon:
+    def __init__(self, cfg: Config, on_ready: Optional[Callable[[], None]] = None):
+        self.cfg = cfg
+        self.on_ready = on_ready
+        self.stop_event: Optional[asyncio.Event] = None
+        self.service: Optional[MediaService] = None
+
+    def request_stop(self) -> None:
+        if self.stop_event is not None:
+            self.stop_event.set()
+
+    def _drain(self) -> None:
+        """SIGHUP: rtpproxy's 'deorbiting burn': refuse new sessions, exit when the last one ends."""
+        assert self.service is not None
+        log.warning("SIGHUP: refusing new sessions, exiting when the %d active ones end",
+                    len(self.service.sessions))
+        self.service.draining = True
+        if not len(self.service.sessions):
+            self.request_stop()
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        self.stop_event = asyncio.Event()
+        engine = open_engine(cfg.backend, cfg.workers, cfg.max_streams)
+        notifier = Notifier()
+        svc = MediaService(cfg, engine, on_timeout=lambda s: notifier.notify(*s.notify))
+        self.service = svc
+        commands = Commands(cfg, svc)
+        udp: list[UdpControl] = []
+        streams: list[StreamControl] = []
+        ticker: Optional[asyncio.Task] = None
+        pid_written = False
+        try:
+            only_stdio = all(c.kind == "stdio" for c in cfg.control)
+            for spec in cfg.control:
+                if spec.kind in ("udp", "udp6"):
+                    u = UdpControl(spec, commands)
+                    udp.append(u)
+                else:
+                    sc = StreamControl(spec, commands, on_stdin_eof=self._drain if only_stdio else None)
+                    await sc.start()
+                    streams.append(sc)
+            engine.start(loop, svc.on_events)
+            for u in udp:
+                u.start(loop)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+                loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self._drain)
+            ticker = loop.create_task(self._tick(svc))
+            if cfg.pidfile:
+                with open(cfg.pidfile, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+                pid_written = True
+            if cfg.user:
+                drop_privileges(cfg.user, cfg.group)
+            log.info("ready: %s engine (%d worker%s), control %s, media %s, ports %d-%d",
+                     engine.name, getattr(engine, "workers", 1), "s" if getattr(engine, "workers", 1) > 1 else "",
+                     ", ".join(str(c) for c in cfg.control),
+                     ", ".join(b.host + (f" ({b.advertised})" if b.advertised else "") for b in cfg.ipv4 + cfg.ipv6),
+                     cfg.min_port, cfg.max_port)
+            _sd_notify("READY=1")
+            if self.on_ready:
+                self.on_ready()
+            await self.stop_event.wait()
+            _sd_notify("STOPPING=1")
+            log.info("shutting down")
+            return 0
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            for u in udp:
+                u.close()
+            for sc in streams:
+                await sc.close()
+            svc.destroy_all("shut down")
+            engine.close()
+            await notifier.close()
+            if pid_written:
+                try:
+                    os.unlink(cfg.pidfile)
+                except OSError as exc:
+                    log.warning("cannot remove pidfile %s: %s", cfg.pidfile, exc)
+
+    async def _tick(self, svc: MediaService) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                svc.tick()
+            except Exception:                      # a bug in one tick must not stop timeouts for good
+                log.exception("timer tick failed")
+            if svc.draining and not len(svc.sessions):
+                self.request_stop()

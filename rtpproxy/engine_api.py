@@ -1,0 +1,86 @@
+"""What both relay backends share: the stream entry, counters and events.
+
+Addresses are (host, port) tuples with the host in numeric form, as the socket
+module returns them; None means "no address".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence
+
+Address = tuple[str, int]
+
+MISMATCH_DROP = 0
+MISMATCH_FORWARD = 1
+MATCH_ADDR = 0
+MATCH_IP = 1
+
+EV_UNLATCHED = 1
+EV_MISMATCH = 2
+EV_SILENT = 3
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Forwarding entry for one local socket: packets arriving on fd leave out_fd to dst."""
+
+    fd: int
+    out_fd: int = -1
+    latched: Optional[Address] = None      # None: accept any source, report each one
+    dst: Optional[Address] = None          # None: count and drop
+    gen: int = 0
+    on_mismatch: int = MISMATCH_DROP
+    match: int = MATCH_ADDR
+    is_rtp: bool = True
+
+
+@dataclass
+class Counters:
+    packets: int = 0
+    bytes: int = 0
+    relayed: int = 0
+    dropped: int = 0
+    mismatched: int = 0
+    last_rx_ns: int = 0
+    last_ssrc: int = 0
+    last_seq: int = 0
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: int
+    stream_id: int
+    gen: int
+    src: Optional[Address]
+    rtp_valid: bool
+    ssrc: int
+    seq: int
+    ts_ns: int
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    wakeups: int = 0
+    packets: int = 0
+    relayed: int = 0
+    dropped: int = 0
+    events: int = 0
+    events_lost: int = 0
+    streams: int = 0
+
+
+EventSink = Callable[[Sequence[Event]], None]
+
+
+class Engine(Protocol):
+    """The interface both backends implement (relay.CEngine and relay_py.PyEngine)."""
+
+    name: str
+
+    def start(self, loop, on_events: EventSink) -> None: ...
+    def stop(self) -> None: ...
+    def close(self) -> None: ...
+    def stream_set(self, stream_id: int, cfg: StreamConfig) -> None: ...
+    def stream_del(self, stream_id: int) -> None: ...
+    def counters(self, stream_id: int) -> Counters: ...
+    def worker_stats(self) -> list[WorkerStats]: ...

@@ -1,0 +1,222 @@
+"""Pure-Python relay backend: the C engine's behaviour on the asyncio loop.
+
+It exists so the package works where the extension is not built and so the
+tests can hold both backends to the same cases. Same rules as csrc/engine.c:
+latched-source check, per-stream rate-limited events, counters, silence events.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from rtpproxy.engine_api import (
+    EV_MISMATCH,
+    EV_SILENT,
+    EV_UNLATCHED,
+    MATCH_IP,
+    MISMATCH_FORWARD,
+    Counters,
+    Event,
+    EventSink,
+    StreamConfig,
+    WorkerStats,
+)
+from rtpproxy.errors import EngineError
+from rtpproxy.relay import EVENT_BURST, EVENTS_PER_SEC, SILENCE_MS
+
+BATCH = 32
+PKT_BUF = 2048
+_EVENT_COST_NS = 1_000_000_000 // EVENTS_PER_SEC
+_BURST_NS = _EVENT_COST_NS * EVENT_BURST
+
+
+@dataclass
+class _Slot:
+    cfg: StreamConfig
+    sock: socket.socket
+    out: Optional[socket.socket]
+    counters: Counters = field(default_factory=Counters)
+    tokens_ns: int = _BURST_NS
+    bucket_ts: int = 0
+    silent: bool = False
+
+
+def _normalise(addr) -> tuple[str, int]:
+    host = addr[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, addr[1]
+
+
+class PyEngine:
+    name = "py"
+    workers = 1
+
+    def __init__(self, max_streams: int):
+        self.max_streams = max_streams
+        self._slots: dict[int, _Slot] = {}
+        self._loop = None
+        self._sink: Optional[EventSink] = None
+        self._pending: list[Event] = []
+        self._stats = {"wakeups": 0, "packets": 0, "relayed": 0, "dropped": 0, "events": 0}
+        self._timer = None
+
+    # -- lifecycle
+    def start(self, loop, on_events: EventSink) -> None:
+        self._loop, self._sink = loop, on_events
+        for sid, slot in self._slots.items():
+            loop.add_reader(slot.sock.fileno(), self._readable, sid)
+        self._timer = loop.call_later(0.2, self._tick)
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        for slot in self._slots.values():
+            self._loop.remove_reader(slot.sock.fileno())
+        if self._timer:
+            self._timer.cancel()
+        self._loop = None
+
+    def close(self) -> None:
+        self.stop()
+        for slot in self._slots.values():       # the fds belong to ports.py: never let GC close them
+            slot.sock.detach()
+            if slot.out is not None:
+                slot.out.detach()
+        self._slots.clear()
+
+    # -- table
+    def stream_set(self, stream_id: int, cfg: StreamConfig) -> None:
+        if not 0 <= stream_id < self.max_streams or cfg.fd < 0:
+            raise EngineError(f"stream {stream_id} set", 22)
+        old = self._slots.get(stream_id)
+        sock = old.sock if old and old.cfg.fd == cfg.fd else _borrow(cfg.fd)
+        out = None
+        if cfg.out_fd >= 0:
+            out = old.out if old and old.cfg.out_fd == cfg.out_fd and old.out else _borrow(cfg.out_fd)
+        if old is None:
+            slot = _Slot(cfg, sock, out)
+            self._slots[stream_id] = slot
+            if self._loop is not None:
+                self._loop.add_reader(cfg.fd, self._readable, stream_id)
+            return
+        if old.cfg.fd != cfg.fd:
+            if self._loop is not None:
+                self._loop.remove_reader(old.cfg.fd)
+                self._loop.add_reader(cfg.fd, self._readable, stream_id)
+            old.sock.detach()
+        if old.out is not None and old.out is not out:
+            old.out.detach()
+        old.cfg, old.sock, old.out = cfg, sock, out
+
+    def stream_del(self, stream_id: int) -> None:
+        slot = self._slots.pop(stream_id, None)
+        if slot is None:
+            raise EngineError(f"stream {stream_id} del", 2)
+        if self._loop is not None:
+            self._loop.remove_reader(slot.cfg.fd)
+        slot.sock.detach()
+        if slot.out is not None:
+            slot.out.detach()
+
+    def counters(self, stream_id: int) -> Counters:
+        slot = self._slots.get(stream_id)
+        return Counters(**vars(slot.counters)) if slot else Counters()
+
+    def worker_stats(self) -> list[WorkerStats]:
+        return [WorkerStats(**self._stats, events_lost=0, streams=len(self._slots))]
+
+    # -- packet path
+    def _event_allowed(self, slot: _Slot, now: int) -> bool:
+        credit = min(slot.tokens_ns + (now - slot.bucket_ts), _BURST_NS)
+        slot.bucket_ts = now
+        if credit < _EVENT_COST_NS:
+            slot.tokens_ns = credit
+            return False
+        slot.tokens_ns = credit - _EVENT_COST_NS
+        return True
+
+    def _event(self, kind, sid, slot, src, rtp_valid, ssrc, seq, now) -> None:
+        self._pending.append(Event(kind, sid, slot.cfg.gen, src, rtp_valid, ssrc, seq, now))
+        self._stats["events"] += 1
+
+    def _readable(self, sid: int) -> None:
+        slot = self._slots.get(sid)
+        if slot is None:
+            return
+        self._stats["wakeups"] += 1
+        now = time.monotonic_ns()
+        cfg, c = slot.cfg, slot.counters
+        for _ in range(BATCH):
+            try:
+                data, flags, _anc, addr = slot.sock.recvmsg(PKT_BUF)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break                               # ICMP errors queued on the socket: nothing to read
+            src = _normalise(addr)
+            c.packets += 1
+            c.bytes += len(data)
+            self._stats["packets"] += 1
+            if flags & socket.MSG_TRUNC:
+                c.dropped += 1
+                continue
+            rtp_valid, ssrc, seq = False, 0, 0
+            if cfg.is_rtp and len(data) >= 12 and data[0] >> 6 == 2:
+                seq = int.from_bytes(data[2:4], "big")
+                ssrc = int.from_bytes(data[8:12], "big")
+                rtp_valid = ssrc != 0
+            if cfg.latched is None:
+                if self._event_allowed(slot, now):
+                    self._event(EV_UNLATCHED, sid, slot, src, rtp_valid, ssrc, seq, now)
+            elif not _matches(cfg, src):
+                c.mismatched += 1
+                if self._event_allowed(slot, now):
+                    self._event(EV_MISMATCH, sid, slot, src, rtp_valid, ssrc, seq, now)
+                if cfg.on_mismatch != MISMATCH_FORWARD:
+                    c.dropped += 1
+                    continue
+            c.last_rx_ns = now
+            slot.silent = False
+            if rtp_valid:
+                c.last_ssrc, c.last_seq = ssrc, seq
+            if slot.out is None or cfg.dst is None:
+                c.dropped += 1
+                continue
+            try:
+                slot.out.sendto(data, cfg.dst)
+                c.relayed += 1
+                self._stats["relayed"] += 1
+            except OSError:
+                c.dropped += 1
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._pending and self._sink is not None:
+            events, self._pending = self._pending, []
+            self._sink(events)
+
+    def _tick(self) -> None:
+        now = time.monotonic_ns()
+        for sid, slot in self._slots.items():
+            last = slot.counters.last_rx_ns
+            if not slot.silent and last and now - last >= SILENCE_MS * 1_000_000:
+                slot.silent = True
+                self._event(EV_SILENT, sid, slot, None, False, 0, 0, now)
+        self._flush()
+        if self._loop is not None:
+            self._timer = self._loop.call_later(0.2, self._tick)
+
+
+def _matches(cfg: StreamConfig, src: tuple[str, int]) -> bool:
+    host, port = cfg.latched
+    if cfg.match == MATCH_IP:
+        return src[0] == host
+    return src == (host, port)
+
+
+def _borrow(fd: int) -> socket.socket:
+    """A socket object over an fd owned by someone else (ports.py); detach() before dropping it."""
+    return socket.socket(fileno=fd)

@@ -1,0 +1,233 @@
+"""The media service: sessions wired to ports, the latching policy and the engine.
+
+Runs on the asyncio thread. Commands (control/commands.py) call create/update/
+delete; the engine's events come in through on_events; tick() runs once a
+second for timeouts. Every change to a session ends in push(), which derives the
+engine entries of its four sockets from the session and sends those that changed.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from rtpproxy import latch
+from rtpproxy.config import Bind, Config
+from rtpproxy.engine_api import EV_MISMATCH, EV_SILENT, EV_UNLATCHED, Address, Counters, Engine, Event, StreamConfig
+from rtpproxy.ports import PortPool, bind_pair
+from rtpproxy.sessions import Session, SessionTable, Side, remaining_ttl
+from rtpproxy.stats import Stats
+
+log = logging.getLogger("rtpproxy.sessions")
+
+REFUSED_LOG_INTERVAL = 10.0      # seconds between "refused source" log lines of one session
+
+
+@dataclass(frozen=True)
+class StreamRef:
+    session: Session
+    side: int
+    rtcp: bool
+
+
+class MediaService:
+    def __init__(self, cfg: Config, engine: Engine, clock: Callable[[], float] = time.monotonic,
+                 on_timeout: Optional[Callable[[Session], None]] = None):
+        self.cfg = cfg
+        self.engine = engine
+        self.clock = clock
+        self.on_timeout = on_timeout
+        self.sessions = SessionTable()
+        self.stats = Stats()
+        self.draining = False
+        skip = [c.port for c in cfg.control if c.port] + [c.port - 1 for c in cfg.control if c.port]
+        self.pools = {fam: PortPool(cfg.min_port, cfg.max_port, cfg.sequential_ports, skip)
+                      for fam in (socket.AF_INET, socket.AF_INET6)}
+        self._free_ids = list(range(cfg.max_streams - 1, -1, -1))
+        self._streams: dict[int, StreamRef] = {}
+        self._pushed: dict[int, StreamConfig] = {}
+        self._gen = 0
+        self._refused_logged: dict[int, float] = {}
+        self._window_due: dict[int, tuple[float, Session]] = {}   # id(session) -> (window end, session)
+
+    # ---- ports and sides --------------------------------------------------
+    def open_side(self, s: Session, idx: int, bind: Bind) -> None:
+        """Give side idx of s a local RTP/RTCP pair on bind (raises PortsExhausted)."""
+        side = s.sides[idx]
+        fam = socket.AF_INET6 if ":" in bind.host else socket.AF_INET
+        pair = bind_pair(self.pools[fam], bind.host, self.clock(), self.cfg.tos)
+        old = side.pair
+        side.pair, side.local_host, side.advertised = pair, bind.host, bind.shown
+        if side.rtp_id is None:
+            side.rtp_id, side.rtcp_id = self._free_ids.pop(), self._free_ids.pop()
+            self._streams[side.rtp_id] = StreamRef(s, idx, False)
+            self._streams[side.rtcp_id] = StreamRef(s, idx, True)
+        if old is not None:
+            self.push(s)                 # the engine lets go of the old fds before they are closed
+            self._release(old, fam)
+
+    def _release(self, pair, fam: int) -> None:
+        self.pools[fam].release(pair.port, self.clock())
+        pair.close()
+
+    # ---- sessions ---------------------------------------------------------
+    def new_session(self, call_id: str, from_tag: str, to_tag: Optional[str]) -> Session:
+        self._gen += 1
+        s = Session(call_id, from_tag, self.clock(), to_tag=to_tag, gen=self._gen)
+        return s
+
+    def register(self, s: Session) -> None:
+        self.sessions.add(s)
+        self.stats.nsess_created += 1
+        log.info("[%s] created, tag %s", s.call_id, s.from_tag)
+
+    def signal(self, s: Session, idx: int, addr: Optional[Address], asymmetric: bool) -> None:
+        """A U/L gave side idx's remote (the party that sends to side idx's port)."""
+        now = self.clock()
+        side = s.sides[idx]
+        rtcp_addr = (addr[0], addr[1] + 1) if addr else None
+        side.rtp = latch.signal(side.rtp, addr, now, asymmetric)
+        side.rtcp = latch.signal(side.rtcp, rtcp_addr, now, asymmetric)
+        side.onhold = addr is None
+        self._window_due[id(s)] = (now + latch.UPDATE_WINDOW_S, s)
+
+    def touch(self, s: Session) -> None:
+        s.last_signal = self.clock()
+        if not s.complete and s.sides[1].pair is not None:
+            s.complete = True
+            self.stats.nsess_complete += 1
+
+    def destroy(self, s: Session, reason: str) -> None:
+        self.sessions.remove(s)
+        rtp_dirs = sum(1 for i in (0, 1) if self.counters(s, i).packets)
+        rtcp_dirs = sum(1 for i in (0, 1) if self.counters(s, i, rtcp=True).packets)
+        for side in s.sides:
+            for sid in (side.rtp_id, side.rtcp_id):
+                if sid is None:
+                    continue
+                c = self.engine.counters(sid)
+                self.stats.absorb(c)
+                if sid in self._pushed:
+                    self.engine.stream_del(sid)
+                    del self._pushed[sid]
+                del self._streams[sid]
+                self._refused_logged.pop(sid, None)
+                self._free_ids.append(sid)
+            if side.pair is not None:
+                fam = socket.AF_INET6 if ":" in side.local_host else socket.AF_INET
+                self._release(side.pair, fam)
+                side.pair = None
+        self._window_due.pop(id(s), None)
+        self.stats.session_ended(self.clock() - s.created, rtp_dirs, rtcp_dirs)
+        if reason == "timed out":
+            self.stats.nsess_timeout += 1
+        log.info("[%s] %s, tag %s", s.call_id, reason, s.from_tag)
+
+    def destroy_all(self, reason: str) -> int:
+        doomed = list(self.sessions)
+        for s in doomed:
+            self.destroy(s, reason)
+        return len(doomed)
+
+    # ---- the engine entries ----------------------------------------------
+    def push(self, s: Session) -> None:
+        now = self.clock()
+        for idx in (0, 1):
+            side, other = s.sides[idx], s.sides[1 - idx]
+            if side.pair is None:
+                continue
+            for sid, st, own, out, other_st in (
+                (side.rtp_id, side.rtp, side.pair.rtp, other.pair.rtp if other.pair else None, other.rtp),
+                (side.rtcp_id, side.rtcp, side.pair.rtcp, other.pair.rtcp if other.pair else None, other.rtcp),
+            ):
+                view = latch.engine_view(st, now)
+                cfg = StreamConfig(fd=own.fileno(), out_fd=out.fileno() if out else -1, latched=view.latched,
+                                   dst=other_st.remote if out else None, gen=s.gen,
+                                   on_mismatch=view.on_mismatch, match=view.match, is_rtp=st.is_rtp)
+                if self._pushed.get(sid) != cfg:
+                    self.engine.stream_set(sid, cfg)
+                    self._pushed[sid] = cfg
+
+    def counters(self, s: Session, idx: int, rtcp: bool = False) -> Counters:
+        side = s.sides[idx]
+        sid = side.rtcp_id if rtcp else side.rtp_id
+        return self.engine.counters(sid) if sid is not None and sid in self._pushed else Counters()
+
+    # ---- events from the engine ------------------------------------------
+    def on_events(self, events: list[Event]) -> None:
+        now = self.clock()
+        touched: dict[int, Session] = {}
+        for ev in events:
+            ref = self._streams.get(ev.stream_id)
+            if ref is None or ref.session.gen != ev.gen:
+                continue                                 # the stream was deleted or reused since
+            s = ref.session
+            if ev.kind == EV_SILENT:
+                log.info("[%s] media stopped on port %s (%s)", s.call_id, s.sides[ref.side].port,
+                         "rtcp" if ref.rtcp else "rtp")
+                continue
+            if ev.kind not in (EV_UNLATCHED, EV_MISMATCH) or ev.src is None:
+                continue
+            if self._learn(s, ref, ev, now):
+                touched[id(s)] = s
+        for s in touched.values():
+            self.push(s)
+
+    def _learn(self, s: Session, ref: StreamRef, ev: Event, now: float) -> bool:
+        side = s.sides[ref.side]
+        st = side.rtcp if ref.rtcp else side.rtp
+        c = self.engine.counters(ev.stream_id)
+        new, verdict = latch.on_packet(st, ev.src, ev.rtp_valid, ev.ssrc, ev.seq, now, c.last_ssrc, c.last_seq)
+        if verdict is latch.Verdict.REFUSED:
+            self.stats.refused += 1
+            last = self._refused_logged.get(ev.stream_id, 0.0)
+            if now - last >= REFUSED_LOG_INTERVAL:
+                self._refused_logged[ev.stream_id] = now
+                log.warning("[%s] refused media from %s:%s on port %s: latched to %s:%s", s.call_id,
+                            ev.src[0], ev.src[1], side.port, *(st.remote or ("-", "-")))
+            return False
+        if verdict is latch.Verdict.UNCHANGED:
+            return False
+        if ref.rtcp:
+            side.rtcp = new
+        else:
+            side.rtp = new
+            if verdict is not latch.Verdict.FILLED:
+                side.rtcp = latch.guess_rtcp(side.rtcp, ev.src)
+        log.info("[%s] %s %s %s:%s on port %s", s.call_id, verdict.value, "rtcp" if ref.rtcp else "rtp",
+                 ev.src[0], ev.src[1], side.port)
+        return True
+
+    # ---- timers -------------------------------------------------------------
+    def tick(self) -> None:
+        """Once a second: time out idle sessions, close the learning windows that ended."""
+        now = self.clock()
+        for s in list(self.sessions):
+            if self.remaining(s) <= 0:
+                if s.notify and self.on_timeout:
+                    self.on_timeout(s)
+                self.destroy(s, "timed out")
+        for key, (due, s) in list(self._window_due.items()):
+            if due <= now:
+                del self._window_due[key]
+                self.push(s)
+
+    def _last_rx(self, side: Side) -> float:
+        best = 0
+        for sid in (side.rtp_id, side.rtcp_id):
+            if sid is not None and sid in self._pushed:
+                best = max(best, self.engine.counters(sid).last_rx_ns)
+        return best / 1e9
+
+    def remaining(self, s: Session) -> float:
+        rx = tuple(self._last_rx(side) for side in s.sides)
+        return remaining_ttl(s, self.clock(), rx, self.cfg.ttl, self.cfg.setup_ttl, self.cfg.independent_ttl)
+
+    # ---- totals ---------------------------------------------------------------
+    def live_counters(self) -> list[tuple[bool, Counters]]:
+        return [(ref.rtcp, self.engine.counters(sid)) for sid, ref in self._streams.items() if sid in self._pushed]
+
+    def active_streams(self) -> int:
+        return len(self._pushed)
