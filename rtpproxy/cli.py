@@ -41,7 +41,7 @@ def fail(message: str, code: int = 2) -> None:
 
 def build_config(listen, listen6, advertised, control, min_port, max_port, ttl, setup_ttl, independent_ttl,
                  notify, pidfile, user, force_root, foreground, debug, nofile, sequential, tos,
-                 backend, workers) -> Config:
+                 backend, workers, update_window=10.0) -> Config:
     cfg = Config()
     if listen:
         cfg.ipv4 = parse_binds(listen, "-l", 4, advertised)
@@ -55,6 +55,7 @@ def build_config(listen, listen6, advertised, control, min_port, max_port, ttl, 
     cfg.ttl = ttl
     cfg.setup_ttl = setup_ttl if setup_ttl is not None else ttl
     cfg.independent_ttl = independent_ttl
+    cfg.update_window = update_window
     cfg.pidfile = pidfile
     if user:
         cfg.user, _, grp = user.partition(":")
@@ -146,6 +147,7 @@ def run(
     tos: str = typer.Option("0xb8", "-t", "--tos", help="IP TOS/traffic class of media packets."),
     backend: str = typer.Option("auto", "--backend", help="Media engine: auto (C when built), c, or py."),
     workers: int = typer.Option(0, "--workers", help="C engine worker threads; 0 = one per core."),
+    update_window: float = typer.Option(10.0, "--update-window", help="Seconds after a U/L in which a latched stream may move to a new source (rtpproxy: 10)."),
     legacy: bool = typer.Option(False, "--legacy-invocation", hidden=True),
 ) -> None:
     """Run the relay. Without a subcommand, rtpproxy takes the same flags and, like sippy's
@@ -153,7 +155,7 @@ def run(
     try:
         cfg = build_config(listen, listen6, advertised, control, min_port, max_port, ttl, setup_ttl,
                            independent_ttl, notify, pidfile, user, force_root, foreground or not legacy,
-                           debug, nofile, sequential, tos, backend, workers)
+                           debug, nofile, sequential, tos, backend, workers, update_window)
         setup_logging(cfg)
         if cfg.nofile:
             try:

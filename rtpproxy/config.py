@@ -66,6 +66,7 @@ class Config:
     ttl: int = 60
     setup_ttl: int = 60
     independent_ttl: bool = False
+    update_window: float = 10.0                          # seconds after a U/L in which media may move
     sequential_ports: bool = False
     tos: int = 0xB8
     foreground: bool = True
@@ -189,6 +190,8 @@ def check(cfg: Config) -> None:
         raise ConfigError("-s", "at least one control socket is needed")
     if any(c.kind == "stdio" for c in cfg.control) and not cfg.foreground:
         raise ConfigError("-s", "stdio: needs -f (foreground), as in rtpproxy")
+    if not 0 <= cfg.update_window <= 300:
+        raise ConfigError("--update-window", "must be 0..300 seconds")
     if cfg.workers < 0 or cfg.workers > 256:
         raise ConfigError("--workers", "must be 0 (one per core) to 256")
     if cfg.nofile is not None and cfg.nofile < 64:

@@ -151,7 +151,7 @@ class PyEngine:
         cfg, c = slot.cfg, slot.counters
         for _ in range(BATCH):
             try:
-                data, flags, _anc, addr = slot.sock.recvmsg(PKT_BUF)
+                data, _anc, flags, addr = slot.sock.recvmsg(PKT_BUF)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:

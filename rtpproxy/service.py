@@ -88,10 +88,11 @@ class MediaService:
         now = self.clock()
         side = s.sides[idx]
         rtcp_addr = (addr[0], addr[1] + 1) if addr else None
-        side.rtp = latch.signal(side.rtp, addr, now, asymmetric)
-        side.rtcp = latch.signal(side.rtcp, rtcp_addr, now, asymmetric)
+        window = self.cfg.update_window
+        side.rtp = latch.signal(side.rtp, addr, now, asymmetric, window)
+        side.rtcp = latch.signal(side.rtcp, rtcp_addr, now, asymmetric, window)
         side.onhold = addr is None
-        self._window_due[id(s)] = (now + latch.UPDATE_WINDOW_S, s)
+        self._window_due[id(s)] = (now + window, s)
 
     def touch(self, s: Session) -> None:
         s.last_signal = self.clock()

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import socket
 
 from rtpproxy.config import ControlSpec
+
+
+# Cookies must never repeat within the server's 35 s reply cache, across client objects too.
+_COOKIES = itertools.count(1)
+_PREFIX = f"{os.getpid()}_{secrets.token_hex(3)}"
 
 
 class ControlClient:
     def __init__(self, spec: ControlSpec, timeout: float = 2.0):
         self.spec = spec
         self.timeout = timeout
-        self._seq = itertools.count(1)
 
     def send(self, command: str) -> str:
         """Send one command; return the reply body without cookie or trailing LF."""
@@ -34,7 +39,7 @@ class ControlClient:
         host = self.spec.host
         if host in ("0.0.0.0", "::"):
             host = "::1" if fam == socket.AF_INET6 else "127.0.0.1"
-        cookie = f"{os.getpid()}_{next(self._seq)}"
+        cookie = f"{_PREFIX}_{next(_COOKIES)}"
         with socket.socket(fam, socket.SOCK_DGRAM) as s:
             s.settimeout(self.timeout)
             s.connect((host, self.spec.port))
