@@ -102,8 +102,12 @@ class MediaService:
 
     def destroy(self, s: Session, reason: str) -> None:
         self.sessions.remove(s)
-        rtp_dirs = sum(1 for i in (0, 1) if self.counters(s, i).packets)
+        rtp = [self.counters(s, i) for i in (0, 1)]
+        rtp_dirs = sum(1 for c in rtp if c.packets)
         rtcp_dirs = sum(1 for i in (0, 1) if self.counters(s, i, rtcp=True).packets)
+        # side 1 receives from the caller, side 0 from the callee
+        summary = (f"rtp from caller {rtp[1].packets} in/{rtp[1].relayed} relayed/{rtp[1].dropped} dropped, "
+                   f"from callee {rtp[0].packets} in/{rtp[0].relayed} relayed/{rtp[0].dropped} dropped")
         for side in s.sides:
             for sid in (side.rtp_id, side.rtcp_id):
                 if sid is None:
@@ -124,7 +128,7 @@ class MediaService:
         self.stats.session_ended(self.clock() - s.created, rtp_dirs, rtcp_dirs)
         if reason == "timed out":
             self.stats.nsess_timeout += 1
-        log.info("[%s] %s, tag %s", s.call_id, reason, s.from_tag)
+        log.info("[%s] %s, tag %s; %s", s.call_id, reason, s.from_tag, summary)
 
     def destroy_all(self, reason: str) -> int:
         doomed = list(self.sessions)
