@@ -178,10 +178,10 @@ def run(
         code = asyncio.run(Daemon(cfg, on_ready=ready).run())
     except ConfigError as exc:
         _report(ready_fd, str(exc))
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except (RtpproxyError, OSError) as exc:
         _report(ready_fd, f"cannot start: {exc}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     raise typer.Exit(code)
 
 
@@ -214,7 +214,7 @@ def ctl(
         fail(f"no reply from {control}: {exc}", 1)
     typer.echo(reply)
     if reply.startswith("E") and reply[1:].isdigit():
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -35,7 +35,7 @@ class Notifier:
                 await writer.drain()
                 self.sent += 1
                 return
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 self._drop(target)
                 if attempt == 2:
                     self.failed += 1

@@ -52,9 +52,9 @@ def _check(rc: int, what: str) -> int:
 class CEngine:
     name = "c"
 
-    def __init__(self, workers: int, max_streams: int):
+    def __init__(self, workers: int, max_streams: int, silence_ms: int = SILENCE_MS):
         self._ffi, self._lib = _load()
-        ptr = self._lib.rp_engine_new(workers, max_streams, EVENTS_PER_SEC, EVENT_BURST, SILENCE_MS)
+        ptr = self._lib.rp_engine_new(workers, max_streams, EVENTS_PER_SEC, EVENT_BURST, silence_ms)
         if ptr == self._ffi.NULL:
             raise EngineError("rp_engine_new", self._ffi.errno or 22)
         self._eng = ptr
@@ -137,18 +137,18 @@ class CEngine:
         return out
 
 
-def open_engine(backend: str, workers: int, max_streams: int) -> Engine:
+def open_engine(backend: str, workers: int, max_streams: int, silence_ms: int = SILENCE_MS) -> Engine:
     """Open the engine the config asks for: 'c', 'py', or 'auto' (C when built)."""
     if backend not in ("auto", "c", "py"):
         raise ConfigError("--backend", f"unknown backend {backend!r}; use auto, c or py")
     if backend in ("auto", "c"):
         why = c_engine_available()
         if why is None:
-            return CEngine(workers or os.cpu_count() or 1, max_streams)
+            return CEngine(workers or os.cpu_count() or 1, max_streams, silence_ms)
         if backend == "c":
             raise ConfigError("--backend", f"the C engine is not available ({why}); "
                               "build it with 'make build' or use --backend py")
         log.warning("C engine not built (%s): using the pure-Python backend, expect much lower capacity", why)
     from rtpproxy.relay_py import PyEngine  # noqa: PLC0415
 
-    return PyEngine(max_streams)
+    return PyEngine(max_streams, silence_ms)

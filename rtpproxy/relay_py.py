@@ -54,8 +54,9 @@ class PyEngine:
     name = "py"
     workers = 1
 
-    def __init__(self, max_streams: int):
+    def __init__(self, max_streams: int, silence_ms: int = SILENCE_MS):
         self.max_streams = max_streams
+        self._silence_ns = silence_ms * 1_000_000
         self._slots: dict[int, _Slot] = {}
         self._loop = None
         self._sink: Optional[EventSink] = None
@@ -202,7 +203,7 @@ class PyEngine:
         now = time.monotonic_ns()
         for sid, slot in self._slots.items():
             last = slot.counters.last_rx_ns
-            if not slot.silent and last and now - last >= SILENCE_MS * 1_000_000:
+            if self._silence_ns and not slot.silent and last and now - last >= self._silence_ns:
                 slot.silent = True
                 self._event(EV_SILENT, sid, slot, None, False, 0, 0, now)
         self._flush()

@@ -72,7 +72,7 @@ class Relay:
         self.backend = backend
         self.proc: Optional[subprocess.Popen] = None
 
-    def start(self) -> "Relay":
+    def start(self) -> Relay:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "rtpproxy", "run", *self.args],
                                      stdout=self._log, stderr=subprocess.STDOUT)
@@ -162,7 +162,7 @@ class Peer:
                 data, src = self.sock.recvfrom(4096)
                 got.append((data, src[:2]))
                 deadline = time.monotonic() + wait
-            except socket.timeout:
+            except TimeoutError:
                 pass
         return got
 

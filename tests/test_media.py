@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import rtp_packet, wait_for
+from conftest import Peer, rtp_packet, wait_for
 
 WINDOW = "1"        # --update-window for latching tests; rtpproxy's 10 s would only make them slow
 
@@ -45,36 +45,31 @@ def test_relays_both_ways_from_the_relay_ports(make_relay, backend, peers):
 
 
 def test_rtcp_on_the_next_port(make_relay, backend, peers):
+    """RTCP goes to SDP port + 1 and leaves from the relay's RTP port + 1."""
     relay = make_relay(backend=backend)
-    a, b = peers(), peers()
-    a_rtcp, b_rtcp = peers(), peers()
-    # SDP ports chosen so RTCP lands on port+1, which the test owns
-    a.close(); b.close()
-    a = _peer_pair(peers)
-    b = _peer_pair(peers)
-    p0, p1 = call(relay, a[0], b[0])
-    a[1].send(b"\x81\xc8\x00\x06" + b"\0" * 24, ("127.0.0.1", p1 + 1))
-    got = b[1].drain()
-    assert len(got) == 1 and got[0][1] == ("127.0.0.1", p0 + 1)
-    del a_rtcp, b_rtcp
+    a_rtp, a_rtcp = _peer_pair()
+    b_rtp, b_rtcp = _peer_pair()
+    try:
+        p0, p1 = call(relay, a_rtp, b_rtp)
+        a_rtcp.send(b"\x81\xc8\x00\x06" + b"\0" * 24, ("127.0.0.1", p1 + 1))
+        got = b_rtcp.drain()
+        assert len(got) == 1 and got[0][1] == ("127.0.0.1", p0 + 1)
+    finally:
+        for p in (a_rtp, a_rtcp, b_rtp, b_rtcp):
+            p.close()
 
 
-def _peer_pair(peers):
-    """Two peers on consecutive ports (RTP, RTCP)."""
-    for _ in range(50):
-        rtp = peers()
-        if rtp.port % 2:
-            continue
-        try:
-            rtcp_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            rtcp_sock.bind(("127.0.0.1", rtp.port + 1))
-            rtcp_sock.close()
-        except OSError:
-            continue
-        from conftest import Peer
-        rtcp = Peer("127.0.0.1", rtp.port + 1)
-        return rtp, rtcp
-    raise RuntimeError("no consecutive ports")
+def _peer_pair():
+    """Two peers on consecutive ports (RTP even, RTCP odd), as an SDP endpoint has them."""
+    for _ in range(100):
+        rtp = Peer()
+        if rtp.port % 2 == 0:
+            try:
+                return rtp, Peer("127.0.0.1", rtp.port + 1)
+            except OSError:
+                pass
+        rtp.close()
+    raise RuntimeError("no consecutive free ports")
 
 
 def test_late_first_packet_and_nat_source(make_relay, backend, peers):
@@ -89,7 +84,7 @@ def test_late_first_packet_and_nat_source(make_relay, backend, peers):
     stream(b, p0, 5, ssrc=0x9999)
     assert len(natted.drain()) == 5
     assert sdp_only.drain(0.1) == []
-    assert "latched rtp 127.0.0.1:%d" % natted.port in relay.log()
+    assert f"latched rtp 127.0.0.1:{natted.port}" in relay.log()
 
 
 def test_latched_stream_refuses_other_sources_after_the_window(make_relay, backend, peers):
@@ -106,7 +101,7 @@ def test_latched_stream_refuses_other_sources_after_the_window(make_relay, backe
     assert b.drain(0.2) == []
     stream(b, p0, 3, ssrc=0x5555, start=3)
     assert len(a.drain()) == 3 and attacker.drain(0.1) == []
-    assert "refused media from 127.0.0.1:%d" % attacker.port in relay.log()
+    assert f"refused media from 127.0.0.1:{attacker.port}" in relay.log()
     q = relay.cmd("Q call1 ft;1 tt").split()
     assert int(q[4]) >= 10                             # the attacker's packets were dropped and counted
 
@@ -130,7 +125,7 @@ def test_nat_rebinding_same_ssrc_relatches(make_relay, backend, peers):
     assert 8 <= len(got) <= 10                         # the first packet may be dropped before the re-latch
     stream(b, p0, 3, ssrc=0xBBBB)
     assert len(rebound.drain()) == 3 and a.drain(0.1) == []
-    assert "re-latched rtp 127.0.0.1:%d" % rebound.port in relay.log()
+    assert f"re-latched rtp 127.0.0.1:{rebound.port}" in relay.log()
 
 
 def test_reinvite_moves_media_to_the_new_address(make_relay, backend, peers):
