@@ -1,0 +1,325 @@
+/*
+ * loadgen: drives a relay the way Kamailio + phones do, and measures it.
+ *
+ *   loadgen -c HOST:PORT -n SESSIONS -t SECONDS [-p RELAY_PID] [-q] [-s SRC_IP]
+ *
+ * Creates SESSIONS calls with the legacy control protocol (U then L, as Kamailio sends them),
+ * then plays G.711-shaped RTP (172-byte packets: 12-byte header + 160 bytes, 50 packets/s per
+ * direction, real SSRC/seq/timestamp) both ways through every call for SECONDS, spread evenly
+ * over each 20 ms period. Each payload carries its send time, so the receiver measures the
+ * added latency. Prints one JSON object: packets sent/received, loss, latency p50/p99/max (us),
+ * the relay's CPU seconds (utime+stime from /proc/PID/stat) over the media phase, and control
+ * round-trip times. Ends the calls with D. -q: never send Q (rtpengine 10.5 hangs after one).
+ *
+ * Part of the benchmark harness only; not installed.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PKT 172
+#define PERIOD_NS 20000000LL
+#define HIST_US 100000          /* latency histogram: 1 us buckets up to 100 ms */
+
+struct call {
+    int caller, callee;         /* sockets */
+    uint16_t p0, p1;            /* relay ports: callee sends to p0, caller to p1 */
+    uint32_t seq;
+};
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static struct sockaddr_in ctl_addr, relay_addr;
+static int ctl_fd;
+static unsigned cookie_seq;
+static uint64_t *ctl_rtt_us;
+static size_t n_rtt, cap_rtt;
+
+static void die(const char *what)
+{
+    perror(what);
+    exit(2);
+}
+
+/* One command, waiting for its cookie; retries like Kamailio (5 x 1 s). */
+static int command(const char *cmd, char *reply, size_t len)
+{
+    char buf[2048], ck[32];
+    snprintf(ck, sizeof(ck), "%d_%u", getpid(), ++cookie_seq);
+    int n = snprintf(buf, sizeof(buf), "%s %s", ck, cmd);
+    for (int attempt = 0; attempt < 5; attempt++) {
+        int64_t t0 = now_ns();
+        if (sendto(ctl_fd, buf, (size_t)n, 0, (struct sockaddr *)&ctl_addr, sizeof(ctl_addr)) < 0)
+            die("control send");
+        for (;;) {
+            ssize_t r = recv(ctl_fd, reply, len - 1, 0);
+            if (r < 0) {
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                    break;
+                die("control recv");
+            }
+            reply[r] = 0;
+            size_t cl = strlen(ck);
+            if ((size_t)r > cl && strncmp(reply, ck, cl) == 0 && reply[cl] == ' ') {
+                memmove(reply, reply + cl + 1, (size_t)r - cl);
+                char *nl = strchr(reply, '\n');
+                if (nl)
+                    *nl = 0;
+                if (n_rtt == cap_rtt) {
+                    cap_rtt = cap_rtt ? cap_rtt * 2 : 1024;
+                    ctl_rtt_us = realloc(ctl_rtt_us, cap_rtt * sizeof(*ctl_rtt_us));
+                }
+                ctl_rtt_us[n_rtt++] = (uint64_t)((now_ns() - t0) / 1000);
+                return 0;
+            }
+        }
+    }
+    return -1;
+}
+
+static int udp_socket(const char *ip, uint16_t *port)
+{
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
+    if (fd < 0)
+        die("socket");
+    int buf = 1 << 20;
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof(buf));
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    inet_pton(AF_INET, ip, &a.sin_addr);
+    if (bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0)
+        die("bind");
+    socklen_t l = sizeof(a);
+    getsockname(fd, (struct sockaddr *)&a, &l);
+    *port = ntohs(a.sin_port);
+    return fd;
+}
+
+static double cpu_seconds(int pid)
+{
+    if (pid <= 0)
+        return -1;
+    char path[64], buf[4096];
+    snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    if (!p)
+        return -1;
+    unsigned long utime = 0, stime = 0;
+    /* fields after ')': state(3) ... utime(14) stime(15) */
+    sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &utime, &stime);
+    return (double)(utime + stime) / (double)sysconf(_SC_CLK_TCK);
+}
+
+static uint64_t percentile(const uint32_t *hist, uint64_t total, double q)
+{
+    uint64_t want = (uint64_t)(q * (double)total), acc = 0;
+    for (int i = 0; i < HIST_US; i++) {
+        acc += hist[i];
+        if (acc > want)
+            return (uint64_t)i;
+    }
+    return HIST_US;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+int main(int argc, char **argv)
+{
+    const char *ctl = NULL, *src_ip = "127.0.0.1";
+    int n = 100, secs = 5, relay_pid = 0, no_query = 0;
+    int opt;
+    while ((opt = getopt(argc, argv, "c:n:t:p:qs:")) != -1) {
+        switch (opt) {
+        case 'c': ctl = optarg; break;
+        case 'n': n = atoi(optarg); break;
+        case 't': secs = atoi(optarg); break;
+        case 'p': relay_pid = atoi(optarg); break;
+        case 'q': no_query = 1; break;
+        case 's': src_ip = optarg; break;
+        default:
+            fprintf(stderr, "usage: loadgen -c HOST:PORT -n SESSIONS -t SECONDS [-p PID] [-q] [-s SRC_IP]\n");
+            return 2;
+        }
+    }
+    if (!ctl || n <= 0 || secs <= 0) {
+        fprintf(stderr, "loadgen: -c HOST:PORT, -n > 0 and -t > 0 are required\n");
+        return 2;
+    }
+    char host[64];
+    const char *colon = strrchr(ctl, ':');
+    if (!colon || (size_t)(colon - ctl) >= sizeof(host)) {
+        fprintf(stderr, "loadgen: -c wants HOST:PORT\n");
+        return 2;
+    }
+    memcpy(host, ctl, (size_t)(colon - ctl));
+    host[colon - ctl] = 0;
+    ctl_addr.sin_family = AF_INET;
+    ctl_addr.sin_port = htons((uint16_t)atoi(colon + 1));
+    if (inet_pton(AF_INET, host, &ctl_addr.sin_addr) != 1) {
+        fprintf(stderr, "loadgen: %s is not an IPv4 address\n", host);
+        return 2;
+    }
+    struct rlimit rl = {.rlim_cur = (rlim_t)(2 * n + 64), .rlim_max = (rlim_t)(2 * n + 64)};
+    setrlimit(RLIMIT_NOFILE, &rl);
+
+    ctl_fd = socket(AF_INET, SOCK_DGRAM, 0);
+    struct timeval tv = {.tv_sec = 1};
+    setsockopt(ctl_fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+
+    struct call *calls = calloc((size_t)n, sizeof(*calls));
+    int ep = epoll_create1(0);
+    char cmd[512], reply[2048];
+    int64_t setup0 = now_ns();
+    for (int i = 0; i < n; i++) {
+        uint16_t pa, pb;
+        calls[i].caller = udp_socket(src_ip, &pa);
+        calls[i].callee = udp_socket(src_ip, &pb);
+        snprintf(cmd, sizeof(cmd), "Uc0,8,101 lg%d-%d@bench %s %u ft%d;1", getpid(), i, src_ip, pa, i);
+        if (command(cmd, reply, sizeof(reply)) < 0 || atoi(reply) <= 0) {
+            fprintf(stderr, "loadgen: U for call %d failed: %s\n", i, reply);
+            return 1;
+        }
+        calls[i].p0 = (uint16_t)atoi(reply);
+        char *addr = strchr(reply, ' ');
+        if (i == 0) {
+            relay_addr.sin_family = AF_INET;
+            if (!addr || inet_pton(AF_INET, addr + 1, &relay_addr.sin_addr) != 1)
+                relay_addr.sin_addr = ctl_addr.sin_addr;   /* port-only reply: the control host */
+        }
+        snprintf(cmd, sizeof(cmd), "Lc0,8 lg%d-%d@bench %s %u ft%d;1 tt%d;1", getpid(), i, src_ip, pb, i, i);
+        if (command(cmd, reply, sizeof(reply)) < 0 || atoi(reply) <= 0) {
+            fprintf(stderr, "loadgen: L for call %d failed: %s\n", i, reply);
+            return 1;
+        }
+        calls[i].p1 = (uint16_t)atoi(reply);
+        struct epoll_event ev = {.events = EPOLLIN};
+        ev.data.u64 = (uint64_t)i << 1;
+        epoll_ctl(ep, EPOLL_CTL_ADD, calls[i].caller, &ev);
+        ev.data.u64 = (uint64_t)i << 1 | 1;
+        epoll_ctl(ep, EPOLL_CTL_ADD, calls[i].callee, &ev);
+    }
+    double setup_s = (double)(now_ns() - setup0) / 1e9;
+    size_t setup_cmds = n_rtt;
+
+    uint32_t *hist = calloc(HIST_US + 1, sizeof(uint32_t));
+    uint64_t sent = 0, rcvd = 0, bad = 0, max_us = 0;
+    uint8_t pkt[PKT], in[2048];
+    memset(pkt, 0xd5, sizeof(pkt));
+    struct epoll_event evs[256];
+
+    double cpu0 = cpu_seconds(relay_pid);
+    int64_t start = now_ns(), end = start + (int64_t)secs * 1000000000LL;
+    int64_t drain_end = end + 500000000LL;
+    int64_t next_slot = start;
+    int slot = 0;
+    const int slots = 20;          /* sends spread over 20 slices of each 20 ms period */
+    for (;;) {
+        int64_t t = now_ns();
+        if (t >= drain_end)
+            break;
+        if (t < end && t >= next_slot) {
+            int lo = (int)((int64_t)n * slot / slots), hi = (int)((int64_t)n * (slot + 1) / slots);
+            for (int i = lo; i < hi; i++) {
+                struct call *c = &calls[i];
+                for (int dir = 0; dir < 2; dir++) {
+                    uint32_t ssrc = (uint32_t)(i * 2 + dir + 1);
+                    pkt[0] = 0x80;
+                    pkt[1] = 0;
+                    pkt[2] = (uint8_t)(c->seq >> 8);
+                    pkt[3] = (uint8_t)c->seq;
+                    uint32_t ts = c->seq * 160;
+                    memcpy(pkt + 4, &(uint32_t){htonl(ts)}, 4);
+                    memcpy(pkt + 8, &(uint32_t){htonl(ssrc)}, 4);
+                    int64_t stamp = now_ns();
+                    memcpy(pkt + 12, &stamp, 8);
+                    struct sockaddr_in to = relay_addr;
+                    to.sin_port = htons(dir == 0 ? c->p1 : c->p0);
+                    if (sendto(dir == 0 ? c->caller : c->callee, pkt, PKT, 0, (struct sockaddr *)&to,
+                               sizeof(to)) == PKT)
+                        sent++;
+                }
+                c->seq++;
+            }
+            slot = (slot + 1) % slots;
+            next_slot += PERIOD_NS / slots;
+        }
+        int64_t wait_ns = (t < end ? next_slot : drain_end) - now_ns();
+        int timeout_ms = wait_ns > 0 ? (int)(wait_ns / 1000000) : 0;
+        int k = epoll_wait(ep, evs, 256, timeout_ms);
+        for (int e = 0; e < k; e++) {
+            int i = (int)(evs[e].data.u64 >> 1);
+            int fd = (evs[e].data.u64 & 1) ? calls[i].callee : calls[i].caller;
+            for (;;) {
+                ssize_t r = recv(fd, in, sizeof(in), 0);
+                if (r < 0)
+                    break;
+                if (r != PKT) {
+                    bad++;
+                    continue;
+                }
+                int64_t stamp;
+                memcpy(&stamp, in + 12, 8);
+                int64_t us = (now_ns() - stamp) / 1000;
+                if (us < 0)
+                    us = 0;
+                hist[us < HIST_US ? us : HIST_US]++;
+                if ((uint64_t)us > max_us)
+                    max_us = (uint64_t)us;
+                rcvd++;
+            }
+        }
+    }
+    double media_s = (double)(end - start) / 1e9;
+    double cpu1 = cpu_seconds(relay_pid);
+
+    char q[256] = "";
+    if (!no_query) {
+        snprintf(cmd, sizeof(cmd), "Q lg%d-0@bench ft0;1 tt0", getpid());
+        if (command(cmd, reply, sizeof(reply)) == 0)
+            snprintf(q, sizeof(q), "%.200s", reply);
+    }
+    for (int i = 0; i < n; i++) {
+        snprintf(cmd, sizeof(cmd), "D lg%d-%d@bench ft%d tt%d", getpid(), i, i, i);
+        command(cmd, reply, sizeof(reply));
+        close(calls[i].caller);
+        close(calls[i].callee);
+    }
+    qsort(ctl_rtt_us, setup_cmds, sizeof(uint64_t), cmp_u64);
+    uint64_t rtt_p50 = setup_cmds ? ctl_rtt_us[setup_cmds / 2] : 0;
+    uint64_t rtt_p99 = setup_cmds ? ctl_rtt_us[(size_t)((double)setup_cmds * 0.99)] : 0;
+    double loss = sent ? 100.0 * (double)(sent - (rcvd < sent ? rcvd : sent)) / (double)sent : 0;
+    printf("{\"sessions\": %d, \"seconds\": %.3f, \"sent\": %lu, \"received\": %lu, \"malformed\": %lu, "
+           "\"loss_pct\": %.4f, \"pps\": %.0f, \"lat_p50_us\": %lu, \"lat_p99_us\": %lu, \"lat_max_us\": %lu, "
+           "\"relay_cpu_s\": %.3f, \"setup_s\": %.3f, \"ctl_rtt_p50_us\": %lu, \"ctl_rtt_p99_us\": %lu, "
+           "\"query\": \"%s\"}\n",
+           n, media_s, (unsigned long)sent, (unsigned long)rcvd, (unsigned long)bad, loss,
+           (double)sent / media_s, (unsigned long)percentile(hist, rcvd, 0.5),
+           (unsigned long)percentile(hist, rcvd, 0.99), (unsigned long)max_us,
+           cpu0 >= 0 && cpu1 >= 0 ? cpu1 - cpu0 : -1.0, setup_s, (unsigned long)rtt_p50,
+           (unsigned long)rtt_p99, q);
+    return 0;
+}
