@@ -2,7 +2,8 @@
 #   make setup   create .venv with the package (C engine built) and its test tools
 #   make run     setup, then run the relay in the foreground (ARGS="..." to override flags)
 #   make test    the whole suite; privileged tests (netns, nft) run when root, skip otherwise
-PYTHON ?= python3
+# Debian's interpreter, so the venv sees python3-nftables from apt (what the .deb depends on too).
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PREFIX ?= /usr/local
@@ -11,7 +12,7 @@ ARGS   ?= -l 127.0.0.1 -s udp:127.0.0.1:22222 -F
 .PHONY: setup build run test test-priv lint clean
 
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
 setup: $(PY)

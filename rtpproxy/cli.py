@@ -26,6 +26,7 @@ from rtpproxy.config import (
     parse_notify,
 )
 from rtpproxy.errors import ConfigError, RtpproxyError
+from rtpproxy.nftmgr import parse_admin_chain
 
 app = typer.Typer(add_completion=False, no_args_is_help=False,
                   help="Media relay for SIP platforms, speaking the rtpproxy control protocol.")
@@ -41,7 +42,8 @@ def fail(message: str, code: int = 2) -> None:
 
 def build_config(listen, listen6, advertised, control, min_port, max_port, ttl, setup_ttl, independent_ttl,
                  notify, pidfile, user, force_root, foreground, debug, nofile, sequential, tos,
-                 backend, workers, update_window=10.0) -> Config:
+                 backend, workers, update_window=10.0, nft=True, nft_table="rtpproxy", nft_chain=None,
+                 nft_required=False, nft_range_policy="drop") -> Config:
     cfg = Config()
     if listen:
         cfg.ipv4 = parse_binds(listen, "-l", 4, advertised)
@@ -75,6 +77,12 @@ def build_config(listen, listen6, advertised, control, min_port, max_port, ttl, 
         raise ConfigError("-t", f"{tos!r} is not a number (e.g. 0xb8)") from None
     if not 0 <= cfg.tos <= 255:
         raise ConfigError("-t", "TOS must be 0..255")
+    cfg.nft, cfg.nft_table, cfg.nft_required, cfg.nft_range_policy = nft, nft_table, nft_required, nft_range_policy
+    if nft_chain:
+        try:
+            cfg.nft_chain = parse_admin_chain(nft_chain)
+        except ValueError as exc:
+            raise ConfigError("--nft-chain", f"{nft_chain!r}: {exc}") from None
     cfg.backend = backend
     cfg.workers = workers
     check(cfg)
@@ -148,6 +156,11 @@ def run(
     backend: str = typer.Option("auto", "--backend", help="Media engine: auto (C when built), c, or py."),
     workers: int = typer.Option(0, "--workers", help="C engine worker threads; 0 = one per core."),
     update_window: float = typer.Option(10.0, "--update-window", help="Seconds after a U/L in which a latched stream may move to a new source (rtpproxy: 10)."),
+    nft: bool = typer.Option(True, "--nft/--no-nft", help="Open exactly the live calls' media ports in nftables (needs CAP_NET_ADMIN)."),
+    nft_table: str = typer.Option("rtpproxy", "--nft-table", help="Name of the daemon's own table (inet family)."),
+    nft_chain: Optional[str] = typer.Option(None, "--nft-chain", help="FAMILY:TABLE:CHAIN of your own ruleset to hook into instead of a standalone table (e.g. inet:filter:input)."),
+    nft_required: bool = typer.Option(False, "--nft-required", help="Refuse a call (E72/E71) when its ports cannot be opened in nftables."),
+    nft_range_policy: str = typer.Option("drop", "--nft-range-policy", help="drop: drop media-range packets outside live calls; none: leave them to your rules."),
     legacy: bool = typer.Option(False, "--legacy-invocation", hidden=True),
 ) -> None:
     """Run the relay. Without a subcommand, rtpproxy takes the same flags and, like sippy's
@@ -155,7 +168,8 @@ def run(
     try:
         cfg = build_config(listen, listen6, advertised, control, min_port, max_port, ttl, setup_ttl,
                            independent_ttl, notify, pidfile, user, force_root, foreground or not legacy,
-                           debug, nofile, sequential, tos, backend, workers, update_window)
+                           debug, nofile, sequential, tos, backend, workers, update_window, nft, nft_table,
+                           nft_chain, nft_required, nft_range_policy)
         setup_logging(cfg)
         if cfg.nofile:
             try:

@@ -77,12 +77,27 @@ class Config:
     log_level: str = "INFO"
     log_facility: str = "daemon"
     nofile: Optional[int] = None
+    nft: bool = True                                      # manage per-call holes in nftables
+    nft_table: str = "rtpproxy"
+    nft_chain: Optional[tuple[str, str, str]] = None      # (family, table, chain) of the admin's ruleset
+    nft_required: bool = False                            # refuse calls whose ports nft could not open
+    nft_range_policy: str = "drop"                        # drop | none
     backend: str = "auto"
     workers: int = 0                                      # 0: one per core
 
     @property
     def bridge(self) -> bool:
         return len(self.ipv4) == 2 or len(self.ipv6) == 2
+
+    def nft_layout(self):
+        """Where the daemon's nftables objects live, derived from this config."""
+        from rtpproxy.firewall import MARGIN_S  # noqa: PLC0415
+        from rtpproxy.nftmgr import NftLayout  # noqa: PLC0415
+
+        return NftLayout(table=self.nft_table, admin_chain=self.nft_chain, min_port=self.min_port,
+                         max_port=self.max_port, range_policy=self.nft_range_policy,
+                         element_timeout=max(self.ttl, self.setup_ttl) + MARGIN_S,
+                         control_ports=tuple(c.port for c in self.control if c.kind in ("udp", "udp6")))
 
     @property
     def max_streams(self) -> int:
@@ -192,6 +207,10 @@ def check(cfg: Config) -> None:
         raise ConfigError("-s", "stdio: needs -f (foreground), as in rtpproxy")
     if not 0 <= cfg.update_window <= 300:
         raise ConfigError("--update-window", "must be 0..300 seconds")
+    if cfg.nft_range_policy not in ("drop", "none"):
+        raise ConfigError("--nft-range-policy", "use drop (default) or none")
+    if not cfg.nft_table.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError("--nft-table", f"{cfg.nft_table!r} is not a valid table name")
     if cfg.workers < 0 or cfg.workers > 256:
         raise ConfigError("--workers", "must be 0 (one per core) to 256")
     if cfg.nofile is not None and cfg.nofile < 64:

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 from rtpproxy.config import Config
 from rtpproxy.control.commands import Commands
 from rtpproxy.control.transports import StreamControl, UdpControl
-from rtpproxy.errors import ConfigError
+from rtpproxy.errors import ConfigError, NftError
 from rtpproxy.notify import Notifier
 from rtpproxy.relay import open_engine
 from rtpproxy.service import MediaService
@@ -82,12 +82,19 @@ class Daemon:
         notifier = Notifier()
         svc = MediaService(cfg, engine, on_timeout=lambda s: notifier.notify(*s.notify))
         self.service = svc
+        firewall = None
         commands = Commands(cfg, svc)
         udp: list[UdpControl] = []
         streams: list[StreamControl] = []
         ticker: Optional[asyncio.Task] = None
         pid_written = False
         try:
+            if cfg.nft:
+                from rtpproxy.firewall import MediaFirewall  # noqa: PLC0415
+
+                candidate = MediaFirewall(cfg.nft_layout(), required=cfg.nft_required)
+                candidate.setup()                  # one transaction: all of it or nothing
+                firewall = svc.firewall = candidate
             only_stdio = all(c.kind == "stdio" for c in cfg.control)
             for spec in cfg.control:
                 if spec.kind in ("udp", "udp6"):
@@ -133,6 +140,11 @@ class Daemon:
                 await sc.close()
             svc.destroy_all("shut down")
             engine.close()
+            if firewall is not None:
+                try:
+                    firewall.teardown()
+                except NftError as exc:
+                    log.error("nft: teardown failed, run `rtpproxy nft teardown`: %s", exc)
             await notifier.close()
             if pid_written:
                 try:

@@ -27,6 +27,10 @@ class PortsExhausted(RtpproxyError):
     """No free RTP/RTCP port pair could be bound in the configured range."""
 
 
+class NftError(RtpproxyError):
+    """nft refused a transaction; the message is nft's own, with the fix when we know it."""
+
+
 class ProtocolError(RtpproxyError):
     """A control command is malformed or refused; code is the protocol's E<n> number."""
 

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 from rtpproxy import latch
 from rtpproxy.config import Bind, Config
 from rtpproxy.engine_api import EV_MISMATCH, EV_SILENT, EV_UNLATCHED, Address, Counters, Engine, Event, StreamConfig
+from rtpproxy.errors import NftError
 from rtpproxy.ports import PortPool, bind_pair
 from rtpproxy.sessions import Session, SessionTable, Side, remaining_ttl
 from rtpproxy.stats import Stats
@@ -34,9 +35,10 @@ class StreamRef:
 
 class MediaService:
     def __init__(self, cfg: Config, engine: Engine, clock: Callable[[], float] = time.monotonic,
-                 on_timeout: Optional[Callable[[Session], None]] = None):
+                 on_timeout: Optional[Callable[[Session], None]] = None, firewall=None):
         self.cfg = cfg
         self.engine = engine
+        self.firewall = firewall             # firewall.MediaFirewall, or None with --no-nft
         self.clock = clock
         self.on_timeout = on_timeout
         self.sessions = SessionTable()
@@ -58,6 +60,12 @@ class MediaService:
         side = s.sides[idx]
         fam = socket.AF_INET6 if ":" in bind.host else socket.AF_INET
         pair = bind_pair(self.pools[fam], bind.host, self.clock(), self.cfg.tos)
+        if self.firewall is not None:
+            try:
+                self.firewall.open(s.call_id, _sockets(bind.host, pair.port))   # before the reply leaves
+            except NftError:
+                self._release(pair, fam)
+                raise
         old = side.pair
         side.pair, side.local_host, side.advertised = pair, bind.host, bind.shown
         if side.rtp_id is None:
@@ -66,6 +74,8 @@ class MediaService:
             self._streams[side.rtcp_id] = StreamRef(s, idx, True)
         if old is not None:
             self.push(s)                 # the engine lets go of the old fds before they are closed
+            if self.firewall is not None:
+                self.firewall.close(_sockets(bind.host, old.port))
             self._release(old, fam)
 
     def _release(self, pair, fam: int) -> None:
@@ -121,6 +131,8 @@ class MediaService:
                 self._refused_logged.pop(sid, None)
                 self._free_ids.append(sid)
             if side.pair is not None:
+                if self.firewall is not None:
+                    self.firewall.close(_sockets(side.local_host, side.pair.port))
                 fam = socket.AF_INET6 if ":" in side.local_host else socket.AF_INET
                 self._release(side.pair, fam)
                 side.pair = None
@@ -218,6 +230,8 @@ class MediaService:
             if due <= now:
                 del self._window_due[key]
                 self.push(s)
+        if self.firewall is not None:
+            self.firewall.refresh()
 
     def _last_rx(self, side: Side) -> float:
         best = 0
@@ -236,3 +250,8 @@ class MediaService:
 
     def active_streams(self) -> int:
         return len(self._pushed)
+
+
+def _sockets(host: str, port: int) -> list[tuple[str, int]]:
+    """The (address, port) of a pair's RTP and RTCP sockets."""
+    return [(host, port), (host, port + 1)]

@@ -15,6 +15,10 @@ G_NAMES = (
 ).split()
 
 
+# Our extension of G (not rtpproxy names): the nftables sets against the session table.
+NFT_G_NAMES = ("nft_open", "nft_failures", "nft_live", "nft_missing", "nft_stale")
+
+
 @dataclass
 class Stats:
     nsess_created: int = 0

@@ -54,7 +54,7 @@ def _start(tmp_path, *extra):
     port = free_port()
     sock = tmp_path / "ctl.sock"
     pid = tmp_path / "rtpproxy.pid"
-    proc = subprocess.Popen([*RTPPROXY, "run", "-F", "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{port}",
+    proc = subprocess.Popen([*RTPPROXY, "run", "-F", "--no-nft", "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{port}",
                              "-s", f"unix:{sock}", "-p", str(pid), "-m", str(base), "-M", str(base + 19), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert wait_for(lambda: pid.exists() and sock.exists(), timeout=10), proc.stderr.read() if proc.poll() else ""
@@ -78,9 +78,9 @@ def test_sigterm_cleans_up_everything(tmp_path):
 def test_second_instance_on_the_same_socket_fails_clearly(tmp_path):
     proc, port, sock, pid = _start(tmp_path)
     try:
-        r = run("run", "-F", "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{port}")
+        r = run("run", "-F", "--no-nft", "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{port}")
         assert r.returncode == 1 and "cannot start" in r.stderr and "in use" in r.stderr
-        r = run("run", "-F", "-l", "127.0.0.1", "-s", f"unix:{sock}")
+        r = run("run", "-F", "--no-nft", "-l", "127.0.0.1", "-s", f"unix:{sock}")
         assert r.returncode == 1 and "in use by a running daemon" in r.stderr
         assert run("ctl", "-s", f"unix:{sock}", "V").stdout == "20040107\n"   # the first one is untouched
     finally:
@@ -117,7 +117,7 @@ def test_sippy_style_invocation_goes_to_background(tmp_path):
     base = free_port_range(20)
     port = free_port()
     pid = tmp_path / "bg.pid"
-    r = run("-F", "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{port}", "-p", str(pid), "-m", str(base),
+    r = run("-F", "--no-nft", "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{port}", "-p", str(pid), "-m", str(base),
             "-M", str(base + 19))
     assert r.returncode == 0, r.stderr                 # returns once the background daemon is ready
     daemon_pid = int(pid.read_text())
@@ -131,7 +131,7 @@ def test_sippy_style_invocation_goes_to_background(tmp_path):
 def test_sippy_style_start_failure_is_reported_by_the_parent(tmp_path):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
         busy.bind(("127.0.0.1", 0))
-        r = run("-F", "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{busy.getsockname()[1]}")
+        r = run("-F", "--no-nft", "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{busy.getsockname()[1]}")
     assert r.returncode == 1 and "cannot start" in r.stderr
 
 
@@ -140,10 +140,12 @@ def test_u_drops_privileges(tmp_path):
     os.chmod(tmp_path, 0o755)
     proc, port, sock, pid = _start(tmp_path, "-u", "nobody")
     try:
-        status = open(f"/proc/{proc.pid}/status").read()
-        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
-        nobody = int(subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True).stdout)
-        assert uid_line.split()[1:] == [str(nobody)] * 4
+        nobody = str(int(subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True).stdout))
+
+        def uids() -> list[str]:
+            status = open(f"/proc/{proc.pid}/status").read()
+            return next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+        assert wait_for(lambda: uids() == [nobody] * 4, timeout=5), uids()
         assert run("ctl", "-s", f"udp:127.0.0.1:{port}", "U", "c", "127.0.0.1", "4000", "t").returncode == 0
     finally:
         proc.terminate()

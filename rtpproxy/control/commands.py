@@ -15,10 +15,10 @@ from rtpproxy.config import Bind, Config, NotifyTarget
 from rtpproxy.control import rtpp
 from rtpproxy.control.modifiers import ULOptions, parse_ul
 from rtpproxy.engine_api import Address
-from rtpproxy.errors import PortsExhausted, ProtocolError
+from rtpproxy.errors import NftError, PortsExhausted, ProtocolError
 from rtpproxy.service import MediaService
 from rtpproxy.sessions import Session
-from rtpproxy.stats import G_NAMES
+from rtpproxy.stats import G_NAMES, NFT_G_NAMES
 
 log = logging.getLogger("rtpproxy.control")
 
@@ -119,16 +119,32 @@ class Commands:
     def _cmd_G(self, req, ctx) -> str:
         verbose = self._verbose(req.modifiers, rtpp.E_PARSE_G)
         names = req.args
-        unknown = [n for n in names if n not in G_NAMES]
+        unknown = [n for n in names if n not in G_NAMES and n not in NFT_G_NAMES]
         if unknown:
             raise ProtocolError(rtpp.E_STATS, f"unknown counter {unknown[0]!r}")
         if not names:
             return ""
         values = self.svc.stats.values([c for _r, c in self.svc.live_counters()], self._pps())
+        if any(n in NFT_G_NAMES for n in names):
+            values.update(self._nft_values())
         body = " ".join(_fmt(n, values[n], verbose) for n in names)
         if len(body) + ctx.cookie_len + 2 > rtpp.REPLY_MAX:
             raise ProtocolError(rtpp.E_G_TOOBIG, "reply too long")
         return body
+
+    def _nft_values(self) -> dict[str, int]:
+        """Our G extension: how the nft sets compare with the session table (nft_live, nft_missing
+        and nft_stale list the kernel's sets, so they cost a netlink dump)."""
+        fw = self.svc.firewall
+        if fw is None:
+            return dict.fromkeys(NFT_G_NAMES, 0)
+        try:
+            live, missing, stale = fw.drift()
+        except NftError as exc:
+            log.error("nft: cannot list the sets: %s", exc)
+            live = missing = stale = -1
+        return {"nft_open": fw.expected(), "nft_failures": fw.failures, "nft_live": live,
+                "nft_missing": missing, "nft_stale": stale}
 
     def _pps(self) -> int:
         total = sum(c.packets for _r, c in self.svc.live_counters()) + self.svc.stats.done_rcvd
@@ -183,6 +199,8 @@ class Commands:
                 raise ProtocolError(rtpp.E_PORTS_NEW if created else rtpp.E_PORTS_EXISTING, str(exc)) from None
             except OSError as exc:
                 log.error("[%s] cannot bind media ports on %s: %s", call_id, bind.host, exc)
+                raise ProtocolError(rtpp.E_PORTS_NEW if created else rtpp.E_PORTS_EXISTING, str(exc)) from None
+            except NftError as exc:                  # only raised with --nft-required
                 raise ProtocolError(rtpp.E_PORTS_NEW if created else rtpp.E_PORTS_EXISTING, str(exc)) from None
         if created:
             self.svc.register(s)

@@ -1,0 +1,122 @@
+"""Keeps the nft sets equal to the media sockets of live sessions (issue: per-call holes).
+
+Every socket pair a session binds is opened before the U/L reply leaves and closed when the
+session ends; elements are refreshed while the call lives so that only a dead daemon's
+leftovers expire. Failures are logged with the call-id and counted; with `required` they are
+raised so the command is refused.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterable, Optional
+
+from rtpproxy import nftmgr
+from rtpproxy.errors import NftError
+from rtpproxy.nftmgr import Element, NftLayout
+
+log = logging.getLogger("rtpproxy.nft")
+
+MARGIN_S = 30          # element timeout = the longest session TTL + this
+
+
+class MediaFirewall:
+    def __init__(self, layout: NftLayout, required: bool = False, nft: Optional[nftmgr.Nft] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.layout = layout
+        self.required = required
+        self.nft = nft or nftmgr.Nft()
+        self.clock = clock
+        self._open: dict[tuple[str, int], tuple[str, float]] = {}   # (host, port) -> (call-id, refreshed)
+        self.failures = 0
+
+    # ---- lifecycle --------------------------------------------------------
+    def setup(self) -> None:
+        """Remove what a previous instance left, then load the skeleton (one transaction)."""
+        handles: list[int] = []
+        if self.layout.admin_chain:
+            fam, table, _ = self.layout.admin_chain
+            listing = self.nft.list_table(fam, table)
+            if listing is None:
+                raise NftError(f"--nft-chain: table {fam} {table} does not exist; create it or use the "
+                               "standalone table (no --nft-chain)")
+            handles = nftmgr.jump_handles(listing, self.layout)
+        self.nft.text(nftmgr.setup_text(self.layout, handles))
+        self._open.clear()
+        log.info("nft: %s %s ready (elements expire after %ds)", self.layout.family, self.layout.table_name,
+                 self.layout.element_timeout)
+
+    def teardown(self) -> None:
+        handles: list[int] = []
+        if self.layout.admin_chain:
+            fam, table, _ = self.layout.admin_chain
+            listing = self.nft.list_table(fam, table)
+            if listing is None:
+                return
+            handles = nftmgr.jump_handles(listing, self.layout)
+        self.nft.text(nftmgr.removal_text(self.layout, handles))
+        self._open.clear()
+
+    # ---- per call ---------------------------------------------------------------
+    def open(self, call_id: str, sockets: Iterable[tuple[str, int]]) -> None:
+        elements = [Element(h, p, call_id) for h, p in sockets]
+        try:
+            self.nft.json(nftmgr.element_commands(self.layout, "add", elements))
+        except NftError as exc:
+            self.failures += 1
+            log.error("[%s] nft: cannot open %s: %s", call_id,
+                      ", ".join(f"{e.host}:{e.port}" for e in elements), exc)
+            if self.required:
+                raise
+            return
+        now = self.clock()
+        for e in elements:
+            self._open[(e.host, e.port)] = (call_id, now)
+
+    def close(self, sockets: Iterable[tuple[str, int]]) -> None:
+        keys = [k for k in sockets if k in self._open]
+        if not keys:
+            return
+        call_id = self._open[keys[0]][0]
+        for k in keys:
+            del self._open[k]
+        try:
+            self.nft.json(nftmgr.element_commands(self.layout, "delete", [Element(h, p) for h, p in keys]))
+        except NftError as exc:
+            self.failures += 1
+            log.error("[%s] nft: cannot close %s (they expire within %ds): %s", call_id,
+                      ", ".join(f"{h}:{p}" for h, p in keys), self.layout.element_timeout, exc)
+
+    def refresh(self) -> int:
+        """Re-add (which restarts the timeout) every element refreshed more than a third of the
+        timeout ago. Called once a second; returns how many were refreshed."""
+        now = self.clock()
+        due = [(k, cid) for k, (cid, t) in self._open.items() if now - t >= self.layout.element_timeout / 3]
+        if not due:
+            return 0
+        try:
+            self.nft.json(nftmgr.element_commands(self.layout, "add", [Element(h, p, cid) for (h, p), cid in due]))
+        except NftError as exc:
+            self.failures += 1
+            log.error("nft: refreshing %d elements failed: %s", len(due), exc)
+            return 0
+        for k, cid in due:
+            self._open[k] = (cid, now)
+        return len(due)
+
+    # ---- status ---------------------------------------------------------------------
+    def expected(self) -> int:
+        return len(self._open)
+
+    def drift(self) -> tuple[int, int, int]:
+        """(live elements, missing from nft, stale in nft) against what the sessions hold."""
+        listing = self.nft.list_table(self.layout.family, self.layout.table_name) or {}
+        live = {(_canon(e.host), e.port) for e in nftmgr.parse_elements(listing, self.layout)}
+        want = {(_canon(h), p) for h, p in self._open}
+        return len(live), len(want - live), len(live - want)
+
+
+def _canon(host: str) -> str:
+    import ipaddress  # noqa: PLC0415
+
+    return str(ipaddress.ip_address(host))
