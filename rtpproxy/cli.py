@@ -158,7 +158,7 @@ def run(
     update_window: float = typer.Option(10.0, "--update-window", help="Seconds after a U/L in which a latched stream may move to a new source (rtpproxy: 10)."),
     nft: bool = typer.Option(True, "--nft/--no-nft", help="Open exactly the live calls' media ports in nftables (needs CAP_NET_ADMIN)."),
     nft_table: str = typer.Option("rtpproxy", "--nft-table", help="Name of the daemon's own table (inet family)."),
-    nft_chain: Optional[str] = typer.Option(None, "--nft-chain", help="FAMILY:TABLE:CHAIN of your own ruleset to hook into instead of a standalone table (e.g. inet:filter:input)."),
+    nft_chain: Optional[str] = typer.Option(None, "--nft-chain", help="inet:TABLE:CHAIN of your own ruleset to hook into instead of a standalone table (e.g. inet:filter:input)."),
     nft_required: bool = typer.Option(False, "--nft-required", help="Refuse a call (E72/E71) when its ports cannot be opened in nftables."),
     nft_range_policy: str = typer.Option("drop", "--nft-range-policy", help="drop: drop media-range packets outside live calls; none: leave them to your rules."),
     legacy: bool = typer.Option(False, "--legacy-invocation", hidden=True),
@@ -240,6 +240,12 @@ def version() -> None:
     typer.echo(f"rtpproxy {__version__} (control protocol 20040107, engine: {'c' if why is None else 'py — ' + why})")
 
 
+def _add_subapps() -> None:
+    from rtpproxy.nftcli import app as nft_app  # noqa: PLC0415
+
+    app.add_typer(nft_app, name="nft")
+
+
 LEGACY_INFO = {"-V", "-v", "-C"}
 
 
@@ -259,4 +265,5 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     if args and args[0].startswith("-") and args[0] not in ("--help", "-h"):
         args = ["run", "--legacy-invocation", *args]       # sippy-style: flags without a subcommand
+    _add_subapps()
     app(args=args, prog_name="rtpproxy")

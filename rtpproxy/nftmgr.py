@@ -54,10 +54,15 @@ class NftLayout:
 
 
 def parse_admin_chain(value: str) -> tuple[str, str, str]:
-    """--nft-chain FAMILY:TABLE:CHAIN (e.g. inet:filter:input)."""
+    """--nft-chain inet:TABLE:CHAIN (e.g. inet:filter:input, Debian's default ruleset). Only inet
+    tables: our rules match IPv4 and IPv6 media in one chain."""
     parts = value.split(":")
-    if len(parts) != 3 or not all(parts) or parts[0] not in ("inet", "ip", "ip6"):
-        raise ValueError("use FAMILY:TABLE:CHAIN with FAMILY inet, ip or ip6, e.g. inet:filter:input")
+    if len(parts) != 3 or not all(parts):
+        raise ValueError("use inet:TABLE:CHAIN, e.g. inet:filter:input")
+    if parts[0] != "inet":
+        raise ValueError(f"{parts[0]} tables are not supported, only inet ones (our chain matches IPv4 and "
+                         "IPv6); with an ip/ip6 ruleset use the standalone table and accept the media range "
+                         "in your own chain")
     return parts[0], parts[1], parts[2]
 
 

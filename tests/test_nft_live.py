@@ -1,0 +1,202 @@
+"""nftables with real packets: a relay host namespace with the daemon's table loaded, a SIP peer
+namespace over veth. Ports open exactly while their call lives; crash leftovers go away."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import rtp_packet, wait_for
+from netns import Netns, link
+from rtpproxy.config import parse_control
+from rtpproxy.control.client import ControlClient
+
+pytestmark = pytest.mark.privileged
+
+RELAY_IP, PEER_IP = "10.77.0.1", "10.77.0.2"
+LO, HI = 41000, 41009                 # -b: the first call gets 41000, the next 41002, ...
+SPARE = 41008                          # a port in the range no call uses in these tests
+
+
+@pytest.fixture
+def hosts():
+    relay, peer = Netns("relay"), Netns("peer")
+    try:
+        link(relay, RELAY_IP, peer, PEER_IP)
+        yield relay, peer
+    finally:
+        relay.delete()
+        peer.delete()
+
+
+class NsRelay:
+    def __init__(self, ns: Netns, tmp, *args: str):
+        self.ns, self.tmp = ns, tmp
+        self.ctl = f"unix:{tmp}/ctl.sock"
+        self.args = ["-F", "-f", "-d", "DBUG", "-l", RELAY_IP, "-s", self.ctl, "-b", "-m", str(LO), "-M", str(HI), *args]
+        self.proc = None
+
+    def start(self) -> "NsRelay":
+        (self.tmp / "ctl.sock").unlink(missing_ok=True)
+        path = self.tmp / "relay.log"
+        self.log = open(path, "ab")
+        seen = path.stat().st_size                        # a restart appends: look past the old run
+        self.proc = self.ns.popen([sys.executable, "-m", "rtpproxy", "run", *self.args], stdout=self.log,
+                                  stderr=subprocess.STDOUT)
+        assert wait_for(lambda: b"ready:" in path.read_bytes()[seen:] or self.proc.poll() is not None,
+                        timeout=15)
+        assert self.proc.poll() is None, (self.tmp / "relay.log").read_text()
+        return self
+
+    def cmd(self, c: str) -> str:
+        return ControlClient(parse_control(self.ctl), timeout=3).send(c)
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        self.log.close()
+
+
+def nft_json(ns: Netns, *what: str) -> dict:
+    r = ns.run("nft", "-j", "list", *what, check=False)
+    return json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else {}
+
+
+def elements(ns: Netns) -> list[dict]:
+    out = []
+    for obj in nft_json(ns, "table", "inet", "rtpproxy").get("nftables", []):
+        if "set" in obj:
+            out += [e["elem"] for e in obj["set"].get("elem", []) if isinstance(e, dict) and "elem" in e]
+    return out
+
+
+def counter(ns: Netns, comment: str) -> int:
+    total = 0
+    for obj in nft_json(ns, "table", "inet", "rtpproxy").get("nftables", []):
+        rule = obj.get("rule")
+        if rule and rule.get("comment") == comment:
+            total += sum(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
+    return total
+
+
+def arrives(ns_sock, peer_sock, port: int) -> bool:
+    """Does a datagram from the peer to RELAY_IP:port reach a socket bound there?"""
+    peer_sock.sendto(b"probe", (RELAY_IP, port))
+    try:
+        ns_sock.recv(100)
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_ports_open_exactly_while_the_call_lives(hosts, tmp_path):
+    relay_ns, peer_ns = hosts
+    # A socket on a range port that no call uses: the daemon's table must keep it unreachable.
+    spare = relay_ns.socket()
+    spare.bind((RELAY_IP, SPARE))
+    spare.settimeout(0.3)
+    peer = peer_ns.socket()
+    peer.bind((PEER_IP, 5000))
+    assert arrives(spare, peer, SPARE)                         # control: no firewall yet, it arrives
+    relay = NsRelay(relay_ns, tmp_path, "--nft").start()
+    try:
+        assert not arrives(spare, peer, SPARE)                 # outside any call: dropped
+        drops = counter(relay_ns, "rtpproxy: media port outside any call")
+        peer.sendto(rtp_packet(1), (RELAY_IP, LO))            # before U: the call's port is closed too
+        assert wait_for(lambda: counter(relay_ns, "rtpproxy: media port outside any call") > drops, 3)
+
+        assert relay.cmd(f"U call-7@peer {PEER_IP} 5000 ft;1").split() == [str(LO), RELAY_IP]
+        els = elements(relay_ns)
+        assert sorted((e["val"]["concat"][1], e["comment"]) for e in els) == \
+            [(LO, "call-7@peer"), (LO + 1, "call-7@peer")]
+        assert all(80 < e["expires"] <= 90 for e in els)        # timeout: -T 60 + 30 s margin
+        for i in range(5):
+            peer.sendto(rtp_packet(i), (RELAY_IP, LO))          # reachable: the relay's socket gets them
+        assert wait_for(lambda: relay.cmd("Q call-7@peer ft;1").split()[2] == "5", 3), relay.cmd("Q call-7@peer ft;1")
+        assert counter(relay_ns, "rtpproxy: live media") >= 5
+        assert not arrives(spare, peer, SPARE)                 # still only the call's ports
+
+        assert relay.cmd("D call-7@peer ft") == "0"
+        assert elements(relay_ns) == []
+        drops = counter(relay_ns, "rtpproxy: media port outside any call")
+        peer.sendto(rtp_packet(9), (RELAY_IP, LO))
+        assert wait_for(lambda: counter(relay_ns, "rtpproxy: media port outside any call") > drops, 3)
+        status = relay_ns.run(sys.executable, "-m", "rtpproxy", "nft", "status", "-s", relay.ctl, check=False)
+        assert status.returncode == 0 and "in sync" in status.stdout, status.stdout + status.stderr
+    finally:
+        relay.stop()
+        spare.close()
+        peer.close()
+    assert nft_json(relay_ns, "table", "inet", "rtpproxy") == {}        # clean shutdown removes the table
+    assert relay_ns.run("nft", "list", "ruleset").stdout.strip() == ""
+
+
+def test_sigkill_leftovers_expire_and_are_removed_at_restart(hosts, tmp_path):
+    relay_ns, _ = hosts
+    relay = NsRelay(relay_ns, tmp_path, "--nft", "-T", "5").start()
+    relay.cmd(f"U crash-1 {PEER_IP} 5000 ft;1")
+    relay.cmd(f"L crash-1 {PEER_IP} 6000 ft;1 tt;1")
+    assert len(elements(relay_ns)) == 4
+    relay.stop(signal.SIGKILL)
+    left = elements(relay_ns)
+    assert len(left) == 4 and all(0 < e["expires"] <= 35 for e in left)    # they expire on their own (-T 5 + 30)
+    status = relay_ns.run(sys.executable, "-m", "rtpproxy", "nft", "status", "-s", relay.ctl, check=False)
+    assert status.returncode == 1 and "drift" in status.stdout
+    relay.start()                                                         # restart: stale state removed first
+    try:
+        assert elements(relay_ns) == []
+        assert relay.cmd(f"U fresh {PEER_IP} 5000 ft;1").split()[0] == str(LO)
+        assert [e["comment"] for e in elements(relay_ns)] == ["fresh", "fresh"]
+    finally:
+        relay.stop()
+
+
+def test_chain_mode_hooks_into_the_admins_table(hosts, tmp_path):
+    relay_ns, peer_ns = hosts
+    relay_ns.run("nft", "add table inet filter")
+    relay_ns.run("nft", "add chain inet filter input { type filter hook input priority 0; policy drop; }")
+    relay = NsRelay(relay_ns, tmp_path, "--nft", "--nft-chain", "inet:filter:input").start()
+    peer = peer_ns.socket()
+    peer.bind((PEER_IP, 5000))
+    try:
+        relay.cmd(f"U adm-1 {PEER_IP} 5000 ft;1")
+        for i in range(3):
+            peer.sendto(rtp_packet(i), (RELAY_IP, LO))      # the admin's policy is drop, our jump lets it in
+        assert wait_for(lambda: relay.cmd("Q adm-1 ft;1").split()[2] == "3", 3)
+        ruleset = relay_ns.run("nft", "list", "table", "inet", "filter").stdout
+        assert "jump rtpproxy" in ruleset and "rtpproxy_media4" in ruleset
+    finally:
+        relay.stop()
+        peer.close()
+    ruleset = relay_ns.run("nft", "list", "table", "inet", "filter").stdout
+    assert "rtpproxy" not in ruleset and "policy drop" in ruleset          # the admin's table is untouched
+
+
+def test_thousand_sessions_tracked_exactly(hosts, tmp_path):
+    relay_ns, _ = hosts
+    relay = NsRelay(relay_ns, tmp_path, "--nft")
+    relay.args[relay.args.index("-M") + 1] = str(LO + 4100)
+    relay.start()
+    try:
+        client = ControlClient(parse_control(relay.ctl), timeout=3)
+        t0 = time.perf_counter()
+        for i in range(1000):
+            assert client.send(f"U bulk-{i} {PEER_IP} 5000 ft;1").split()[0].isdigit()
+            assert client.send(f"L bulk-{i} {PEER_IP} 6000 ft;1 tt;1").split()[0].isdigit()
+        setup = time.perf_counter() - t0
+        assert len(elements(relay_ns)) == 4000
+        assert relay.cmd("Gv nft_open nft_live nft_missing nft_stale nft_failures") == \
+            "nft_open=4000 nft_live=4000 nft_missing=0 nft_stale=0 nft_failures=0"
+        for i in range(0, 1000, 2):
+            assert client.send(f"D bulk-{i} ft tt") == "0"
+        assert len(elements(relay_ns)) == 2000
+        assert relay.cmd("X") == "0"
+        assert elements(relay_ns) == []
+        print(f"\n2000 U/L with nft over a unix socket (one connection each): {setup:.2f} s")
+    finally:
+        relay.stop()
