@@ -156,3 +156,19 @@ def test_version_and_legacy_info_flags():
     assert "control protocol 20040107" in run("version").stdout
     assert run("-v").stdout.startswith("Basic version: 20040107\n")
     assert run("-V").stdout.strip()
+
+
+@pytest.mark.privileged
+def test_nft_without_cap_net_admin_names_the_capability():
+    """Root minus CAP_NET_ADMIN (as a unit missing it would be): start fails and says what to add."""
+    r = subprocess.run(["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin", *RTPPROXY, "run", "-F",
+                        "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{free_port()}", "--nft-table", "rptcaps"],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1 and "CAP_NET_ADMIN" in r.stderr and "--no-nft" in r.stderr
+
+
+def test_nft_missing_package_is_named():
+    code = ("import sys; sys.modules['nftables'] = None; from rtpproxy.cli import main; "
+            f"main(['run', '-F', '-l', '127.0.0.1', '-s', 'udp:127.0.0.1:{free_port()}'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1 and "apt-get install python3-nftables" in r.stderr

@@ -40,7 +40,7 @@ class NsRelay:
         self.args = ["-F", "-f", "-d", "DBUG", "-l", RELAY_IP, "-s", self.ctl, "-b", "-m", str(LO), "-M", str(HI), *args]
         self.proc = None
 
-    def start(self) -> "NsRelay":
+    def start(self) -> NsRelay:
         (self.tmp / "ctl.sock").unlink(missing_ok=True)
         path = self.tmp / "relay.log"
         self.log = open(path, "ab")
