@@ -43,9 +43,17 @@ struct rp_slot {
     struct rp_stream cfg;
     struct sockaddr_in6 dst_sa;         /* cfg.dst, pre-converted (large enough for IPv4 too) */
     socklen_t dst_len;
-    /* owned by the worker: event rate limiting */
+    /* owned by the worker: event rate limiting (general, and candidates apart so a flood of
+     * mismatches cannot hide a NAT rebinding) */
     int64_t tokens_ns;                  /* token bucket, in nanoseconds of credit */
     int64_t bucket_ts;
+    int64_t cand_tokens_ns;
+    int64_t cand_bucket_ts;
+    /* owned by the worker: the one source currently trying to take over the stream */
+    struct sockaddr_in6 cand_sa;
+    uint32_t cand_ssrc;
+    uint16_t cand_seq;
+    uint16_t cand_count;
 };
 
 struct rp_ring {
@@ -135,6 +143,17 @@ static void sa_to_addr(const struct sockaddr_in6 *sa, struct rp_addr *out)
     }
 }
 
+static int same_source(const struct sockaddr_in6 *a, const struct sockaddr_in6 *b)
+{
+    if (a->sin6_family != b->sin6_family)
+        return 0;
+    if (a->sin6_family == AF_INET) {
+        const struct sockaddr_in *x = (const struct sockaddr_in *)a, *y = (const struct sockaddr_in *)b;
+        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+    }
+    return a->sin6_port == b->sin6_port && memcmp(&a->sin6_addr, &b->sin6_addr, 16) == 0;
+}
+
 /* Does the packet's source equal the latched address (ip only when match is RP_MATCH_IP)? */
 static int source_matches(const struct rp_stream *c, const struct sockaddr_in6 *sa)
 {
@@ -192,20 +211,42 @@ static void notify_consumer(struct rp_engine *e)
     }
 }
 
-/* Token bucket per stream: a flood of spoofed packets raises at most
- * events_per_sec events per stream, after an initial burst. */
-static int event_allowed(struct rp_engine *e, struct rp_slot *s, int64_t now)
+/* Token bucket: a flood of spoofed packets raises at most events_per_sec events
+ * per stream and bucket, after an initial burst. */
+static int bucket_take(struct rp_engine *e, int64_t *tokens, int64_t *ts, int64_t now)
 {
-    int64_t credit = s->tokens_ns + (now - s->bucket_ts);
+    int64_t credit = *tokens + (now - *ts);
     if (credit > e->event_burst_ns)
         credit = e->event_burst_ns;
-    s->bucket_ts = now;
+    *ts = now;
     if (credit < e->event_cost_ns) {
-        s->tokens_ns = credit;
+        *tokens = credit;
         return 0;
     }
-    s->tokens_ns = credit - e->event_cost_ns;
+    *tokens = credit - e->event_cost_ns;
     return 1;
+}
+
+static int event_allowed(struct rp_engine *e, struct rp_slot *s, int64_t now)
+{
+    return bucket_take(e, &s->tokens_ns, &s->bucket_ts, now);
+}
+
+/* Count consecutive packets (one SSRC, seq +1 each) from one source other than the latched
+ * one; true every `need` packets, which is when Python gets to decide on a re-latch. */
+static int candidate_step(struct rp_slot *s, const struct sockaddr_in6 *src, uint32_t ssrc, uint16_t seq,
+                          unsigned need)
+{
+    if (s->cand_count && same_source(&s->cand_sa, src) && s->cand_ssrc == ssrc &&
+        (uint16_t)(s->cand_seq + 1) == seq) {
+        s->cand_count++;
+    } else {
+        s->cand_sa = *src;
+        s->cand_ssrc = ssrc;
+        s->cand_count = 1;
+    }
+    s->cand_seq = seq;
+    return s->cand_count % need == 0;
 }
 
 static void push_event(struct rp_worker *w, uint16_t kind, uint32_t id, const struct rp_stream *cfg,
@@ -301,18 +342,25 @@ static void handle_readable(struct rp_worker *w, uint32_t id, int64_t now)
         int rtp_valid = 0;
         uint32_t ssrc = 0;
         uint16_t seq = 0;
-        if (cfg.is_rtp && len >= 12 && (p[0] >> 6) == 2) {
+        /* RTCP multiplexed on the RTP port (RFC 5761: packet types 192..223 in the second byte)
+         * is not RTP: no SSRC/seq from it. */
+        if (cfg.is_rtp && len >= 12 && (p[0] >> 6) == 2 && !(p[1] >= 192 && p[1] <= 223)) {
             seq = (uint16_t)(p[2] << 8 | p[3]);
             ssrc = (uint32_t)p[8] << 24 | (uint32_t)p[9] << 16 | (uint32_t)p[10] << 8 | p[11];
             rtp_valid = ssrc != 0;
         }
-        if (cfg.latched.family == 0) {
+        int latched = cfg.latched.family != 0;
+        if (!latched || !source_matches(&cfg, src) ||
+            (cfg.ssrc_locked && rtp_valid && ssrc != cfg.lock_ssrc)) {
+            if (latched) {
+                mismatched++;
+                if (cfg.relatch_packets && rtp_valid &&
+                    candidate_step(s, src, ssrc, seq, cfg.relatch_packets) &&
+                    bucket_take(e, &s->cand_tokens_ns, &s->cand_bucket_ts, now))
+                    push_event(w, RP_EV_CANDIDATE, id, &cfg, src, rtp_valid, ssrc, seq, now);
+            }
             if (event_allowed(e, s, now))
-                push_event(w, RP_EV_UNLATCHED, id, &cfg, src, rtp_valid, ssrc, seq, now);
-        } else if (!source_matches(&cfg, src)) {
-            mismatched++;
-            if (event_allowed(e, s, now))
-                push_event(w, RP_EV_MISMATCH, id, &cfg, src, rtp_valid, ssrc, seq, now);
+                push_event(w, latched ? RP_EV_MISMATCH : RP_EV_UNLATCHED, id, &cfg, src, rtp_valid, ssrc, seq, now);
             if (cfg.on_mismatch != RP_MISMATCH_FORWARD) {
                 dropped++;
                 continue;
@@ -596,8 +644,9 @@ int rp_stream_set(struct rp_engine *e, uint32_t id, const struct rp_stream *cfg)
         s->dst_len = addr_to_sa(&cfg->dst, &s->dst_sa);
         s->worker = (uint16_t)wi;
         s->silent = 0;
-        s->tokens_ns = e->event_burst_ns;
-        s->bucket_ts = 0;
+        s->tokens_ns = s->cand_tokens_ns = e->event_burst_ns;
+        s->bucket_ts = s->cand_bucket_ts = 0;
+        s->cand_count = 0;
         s->active = 1;
         slot_write_end(s);
         memset(&e->counters[id], 0, sizeof(e->counters[id]));

@@ -14,7 +14,7 @@
  *    by tests/test_abi.py with ffi.sizeof/offsetof).
  */
 
-#define RP_ABI_VERSION 1
+#define RP_ABI_VERSION 2
 
 /* An endpoint. family is 0 (none), 2 (AF_INET) or 10 (AF_INET6); port in host
  * byte order; ip holds 4 (IPv4) or 16 (IPv6) bytes in network order. */
@@ -33,17 +33,23 @@ struct rp_addr {
 #define RP_MATCH_IP 1           /* address only (asymmetric: rtpproxy's 'A') */
 
 /* One local socket's forwarding entry: packets arriving on fd are sent out of
- * out_fd to dst. */
+ * out_fd to dst. A packet is "from the latched source" when its source matches
+ * latched (per match) and, if ssrc_locked, it is RTP with SSRC lock_ssrc (or not
+ * RTP at all: RTCP multiplexed on the RTP port is never checked by SSRC). */
 struct rp_stream {
     int32_t fd;                 /* socket packets arrive on */
     int32_t out_fd;             /* socket they leave from; -1: count and drop */
-    struct rp_addr latched;     /* family 0: not latched yet: forward and report each new source */
+    struct rp_addr latched;     /* family 0: not latched: every packet is a mismatch */
     struct rp_addr dst;         /* family 0: nowhere to send yet: count and drop */
     uint32_t gen;               /* echoed in events so Python can ignore those of a reused id */
-    uint8_t on_mismatch;        /* RP_MISMATCH_* */
+    uint8_t on_mismatch;        /* RP_MISMATCH_*: what happens to packets not from the latched source */
     uint8_t match;              /* RP_MATCH_* */
     uint8_t is_rtp;             /* parse RTP headers (SSRC, seq) for counters and events */
-    uint8_t reserved;
+    uint8_t ssrc_locked;        /* also require SSRC lock_ssrc from the latched source */
+    uint32_t lock_ssrc;
+    uint8_t relatch_packets;    /* >0: raise RP_EV_CANDIDATE after this many consecutive packets
+                                   (one SSRC, sequence numbers +1 each) from one other source */
+    uint8_t reserved[3];
 };
 
 /* Per-stream counters, written only by the stream's worker, read by Python
@@ -63,6 +69,7 @@ struct rp_counters {
 #define RP_EV_UNLATCHED 1       /* packet on a stream with no latched source */
 #define RP_EV_MISMATCH 2        /* packet from a source other than the latched one */
 #define RP_EV_SILENT 3          /* an active stream received nothing for the silence interval */
+#define RP_EV_CANDIDATE 4       /* relatch_packets consecutive packets from one other source */
 
 struct rp_event {
     uint16_t kind;              /* RP_EV_* */

@@ -43,7 +43,8 @@ def fail(message: str, code: int = 2) -> None:
 def build_config(listen, listen6, advertised, control, min_port, max_port, ttl, setup_ttl, independent_ttl,
                  notify, pidfile, user, force_root, foreground, debug, nofile, sequential, tos,
                  backend, workers, update_window=10.0, nft=True, nft_table="rtpproxy", nft_chain=None,
-                 nft_required=False, nft_range_policy="drop") -> Config:
+                 nft_required=False, nft_range_policy="drop", latching="dynamic", relatch_packets=3,
+                 relatch_silence=0.2, ssrc_lock=False) -> Config:
     cfg = Config()
     if listen:
         cfg.ipv4 = parse_binds(listen, "-l", 4, advertised)
@@ -58,6 +59,8 @@ def build_config(listen, listen6, advertised, control, min_port, max_port, ttl, 
     cfg.setup_ttl = setup_ttl if setup_ttl is not None else ttl
     cfg.independent_ttl = independent_ttl
     cfg.update_window = update_window
+    cfg.latching, cfg.relatch_packets, cfg.relatch_silence, cfg.ssrc_lock = (latching, relatch_packets,
+                                                                             relatch_silence, ssrc_lock)
     cfg.pidfile = pidfile
     if user:
         cfg.user, _, grp = user.partition(":")
@@ -156,6 +159,10 @@ def run(
     backend: str = typer.Option("auto", "--backend", help="Media engine: auto (C when built), c, or py."),
     workers: int = typer.Option(0, "--workers", help="C engine worker threads; 0 = one per core."),
     update_window: float = typer.Option(10.0, "--update-window", help="Seconds after a U/L in which a latched stream may move to a new source (rtpproxy: 10)."),
+    latching: str = typer.Option("dynamic", "--latching", help="strict | dynamic | dynamic-strict: which sources a stream accepts (per call: modifier Js, Jd, Jx)."),
+    relatch_packets: int = typer.Option(3, "--relatch-packets", help="Consecutive packets (one SSRC, sequential) a new source needs to take over a latched stream."),
+    relatch_silence: float = typer.Option(0.2, "--relatch-silence", help="... and the latched source must have been silent this many seconds."),
+    ssrc_lock: bool = typer.Option(False, "--ssrc-lock", help="Drop RTP with another SSRC from the latched source until re-negotiation (per call: modifier K)."),
     nft: bool = typer.Option(True, "--nft/--no-nft", help="Open exactly the live calls' media ports in nftables (needs CAP_NET_ADMIN)."),
     nft_table: str = typer.Option("rtpproxy", "--nft-table", help="Name of the daemon's own table (inet family)."),
     nft_chain: Optional[str] = typer.Option(None, "--nft-chain", help="inet:TABLE:CHAIN of your own ruleset to hook into instead of a standalone table (e.g. inet:filter:input)."),
@@ -169,7 +176,8 @@ def run(
         cfg = build_config(listen, listen6, advertised, control, min_port, max_port, ttl, setup_ttl,
                            independent_ttl, notify, pidfile, user, force_root, foreground or not legacy,
                            debug, nofile, sequential, tos, backend, workers, update_window, nft, nft_table,
-                           nft_chain, nft_required, nft_range_policy)
+                           nft_chain, nft_required, nft_range_policy, latching, relatch_packets, relatch_silence,
+                           ssrc_lock)
         setup_logging(cfg)
         if cfg.nofile:
             try:

@@ -67,6 +67,10 @@ class Config:
     setup_ttl: int = 60
     independent_ttl: bool = False
     update_window: float = 10.0                          # seconds after a U/L in which media may move
+    latching: str = "dynamic"                            # strict | dynamic | dynamic-strict
+    relatch_packets: int = 3                             # consecutive packets a new source needs
+    relatch_silence: float = 0.2                         # ... while the latched one is silent this long
+    ssrc_lock: bool = False
     sequential_ports: bool = False
     tos: int = 0xB8
     foreground: bool = True
@@ -88,6 +92,12 @@ class Config:
     @property
     def bridge(self) -> bool:
         return len(self.ipv4) == 2 or len(self.ipv6) == 2
+
+    def latch_policy(self):
+        from rtpproxy.latch import Mode, Policy  # noqa: PLC0415
+
+        return Policy(Mode(self.latching), self.update_window, self.relatch_packets, self.relatch_silence,
+                      self.ssrc_lock)
 
     def nft_layout(self):
         """Where the daemon's nftables objects live, derived from this config."""
@@ -205,6 +215,12 @@ def check(cfg: Config) -> None:
         raise ConfigError("-s", "at least one control socket is needed")
     if any(c.kind == "stdio" for c in cfg.control) and not cfg.foreground:
         raise ConfigError("-s", "stdio: needs -f (foreground), as in rtpproxy")
+    if cfg.latching not in ("strict", "dynamic", "dynamic-strict"):
+        raise ConfigError("--latching", f"{cfg.latching!r}: use strict, dynamic or dynamic-strict")
+    if not 1 <= cfg.relatch_packets <= 255:
+        raise ConfigError("--relatch-packets", "must be 1..255")
+    if not 0 <= cfg.relatch_silence <= 60:
+        raise ConfigError("--relatch-silence", "must be 0..60 seconds")
     if not 0 <= cfg.update_window <= 300:
         raise ConfigError("--update-window", "must be 0..300 seconds")
     if cfg.nft_range_policy not in ("drop", "none"):

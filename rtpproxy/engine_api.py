@@ -18,6 +18,7 @@ MATCH_IP = 1
 EV_UNLATCHED = 1
 EV_MISMATCH = 2
 EV_SILENT = 3
+EV_CANDIDATE = 4
 
 
 @dataclass(frozen=True)
@@ -26,12 +27,14 @@ class StreamConfig:
 
     fd: int
     out_fd: int = -1
-    latched: Optional[Address] = None      # None: accept any source, report each one
+    latched: Optional[Address] = None      # None: every packet is a mismatch (forwarded or dropped, reported)
     dst: Optional[Address] = None          # None: count and drop
     gen: int = 0
     on_mismatch: int = MISMATCH_DROP
     match: int = MATCH_ADDR
     is_rtp: bool = True
+    lock_ssrc: Optional[int] = None        # also require this SSRC from the latched source
+    relatch_packets: int = 0               # >0: report a source after this many consecutive packets
 
 
 @dataclass

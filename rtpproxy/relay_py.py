@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from rtpproxy.engine_api import (
+    EV_CANDIDATE,
     EV_MISMATCH,
     EV_SILENT,
     EV_UNLATCHED,
@@ -40,6 +41,9 @@ class _Slot:
     counters: Counters = field(default_factory=Counters)
     tokens_ns: int = _BURST_NS
     bucket_ts: int = 0
+    cand_tokens_ns: int = _BURST_NS
+    cand_bucket_ts: int = 0
+    candidate: Optional[tuple] = None      # (source, ssrc, last seq, count)
     silent: bool = False
 
 
@@ -130,14 +134,24 @@ class PyEngine:
         return [WorkerStats(**self._stats, events_lost=0, streams=len(self._slots))]
 
     # -- packet path
-    def _event_allowed(self, slot: _Slot, now: int) -> bool:
-        credit = min(slot.tokens_ns + (now - slot.bucket_ts), _BURST_NS)
-        slot.bucket_ts = now
+    @staticmethod
+    def _event_allowed(slot: _Slot, now: int, bucket: str = "") -> bool:
+        tokens, ts = getattr(slot, bucket + "tokens_ns"), getattr(slot, bucket + "bucket_ts")
+        credit = min(tokens + (now - ts), _BURST_NS)
+        setattr(slot, bucket + "bucket_ts", now)
         if credit < _EVENT_COST_NS:
-            slot.tokens_ns = credit
+            setattr(slot, bucket + "tokens_ns", credit)
             return False
-        slot.tokens_ns = credit - _EVENT_COST_NS
+        setattr(slot, bucket + "tokens_ns", credit - _EVENT_COST_NS)
         return True
+
+    @staticmethod
+    def _candidate_step(slot: _Slot, src, ssrc: int, seq: int, need: int) -> bool:
+        """Consecutive packets (one SSRC, seq +1) from one non-latched source; true every `need`."""
+        c = slot.candidate
+        count = c[3] + 1 if c and c[0] == src and c[1] == ssrc and (c[2] + 1) & 0xFFFF == seq else 1
+        slot.candidate = (src, ssrc, seq, count)
+        return count % need == 0
 
     def _event(self, kind, sid, slot, src, rtp_valid, ssrc, seq, now) -> None:
         self._pending.append(Event(kind, sid, slot.cfg.gen, src, rtp_valid, ssrc, seq, now))
@@ -165,17 +179,21 @@ class PyEngine:
                 c.dropped += 1
                 continue
             rtp_valid, ssrc, seq = False, 0, 0
-            if cfg.is_rtp and len(data) >= 12 and data[0] >> 6 == 2:
+            if cfg.is_rtp and len(data) >= 12 and data[0] >> 6 == 2 and not 192 <= data[1] <= 223:
                 seq = int.from_bytes(data[2:4], "big")
                 ssrc = int.from_bytes(data[8:12], "big")
                 rtp_valid = ssrc != 0
-            if cfg.latched is None:
+            latched = cfg.latched is not None
+            if not latched or not _matches(cfg, src) or \
+                    (cfg.lock_ssrc is not None and rtp_valid and ssrc != cfg.lock_ssrc):
+                if latched:
+                    c.mismatched += 1
+                    if cfg.relatch_packets and rtp_valid and \
+                            self._candidate_step(slot, src, ssrc, seq, cfg.relatch_packets) and \
+                            self._event_allowed(slot, now, "cand_"):
+                        self._event(EV_CANDIDATE, sid, slot, src, rtp_valid, ssrc, seq, now)
                 if self._event_allowed(slot, now):
-                    self._event(EV_UNLATCHED, sid, slot, src, rtp_valid, ssrc, seq, now)
-            elif not _matches(cfg, src):
-                c.mismatched += 1
-                if self._event_allowed(slot, now):
-                    self._event(EV_MISMATCH, sid, slot, src, rtp_valid, ssrc, seq, now)
+                    self._event(EV_MISMATCH if latched else EV_UNLATCHED, sid, slot, src, rtp_valid, ssrc, seq, now)
                 if cfg.on_mismatch != MISMATCH_FORWARD:
                     c.dropped += 1
                     continue

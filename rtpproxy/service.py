@@ -10,12 +10,22 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from rtpproxy import latch
 from rtpproxy.config import Bind, Config
-from rtpproxy.engine_api import EV_MISMATCH, EV_SILENT, EV_UNLATCHED, Address, Counters, Engine, Event, StreamConfig
+from rtpproxy.engine_api import (
+    EV_CANDIDATE,
+    EV_MISMATCH,
+    EV_SILENT,
+    EV_UNLATCHED,
+    Address,
+    Counters,
+    Engine,
+    Event,
+    StreamConfig,
+)
 from rtpproxy.errors import NftError
 from rtpproxy.ports import PortPool, bind_pair
 from rtpproxy.sessions import Session, SessionTable, Side, remaining_ttl
@@ -39,6 +49,7 @@ class MediaService:
         self.cfg = cfg
         self.engine = engine
         self.firewall = firewall             # firewall.MediaFirewall, or None with --no-nft
+        self.policy = cfg.latch_policy()
         self.clock = clock
         self.on_timeout = on_timeout
         self.sessions = SessionTable()
@@ -53,6 +64,7 @@ class MediaService:
         self._gen = 0
         self._refused_logged: dict[int, float] = {}
         self._window_due: dict[int, tuple[float, Session]] = {}   # id(session) -> (window end, session)
+        self._ssrc_pending: dict[int, Session] = {}               # SSRC-locked sessions yet to see RTP
 
     # ---- ports and sides --------------------------------------------------
     def open_side(self, s: Session, idx: int, bind: Bind) -> None:
@@ -93,16 +105,20 @@ class MediaService:
         self.stats.nsess_created += 1
         log.info("[%s] created, tag %s", s.call_id, s.from_tag)
 
-    def signal(self, s: Session, idx: int, addr: Optional[Address], asymmetric: bool) -> None:
-        """A U/L gave side idx's remote (the party that sends to side idx's port)."""
+    def signal(self, s: Session, idx: int, addr: Optional[Address], asymmetric: bool,
+               mode: Optional[str] = None, ssrc_lock: Optional[bool] = None) -> None:
+        """A U/L gave side idx's remote (the party that sends to side idx's port); mode and
+        ssrc_lock override the daemon's latching policy for this call."""
         now = self.clock()
         side = s.sides[idx]
         rtcp_addr = (addr[0], addr[1] + 1) if addr else None
-        window = self.cfg.update_window
-        side.rtp = latch.signal(side.rtp, addr, now, asymmetric, window)
-        side.rtcp = latch.signal(side.rtcp, rtcp_addr, now, asymmetric, window)
+        m = latch.Mode(mode) if mode else None
+        side.rtp = latch.signal(side.rtp, addr, now, asymmetric, self.policy, m, ssrc_lock)
+        side.rtcp = latch.signal(side.rtcp, rtcp_addr, now, asymmetric, self.policy, m, ssrc_lock)
         side.onhold = addr is None
-        self._window_due[id(s)] = (now + window, s)
+        self._window_due[id(s)] = (now + self.policy.window, s)
+        if side.rtp.ssrc_lock and side.rtp.latched and not side.rtp.ssrc:
+            self._ssrc_pending[id(s)] = s
 
     def touch(self, s: Session) -> None:
         s.last_signal = self.clock()
@@ -137,6 +153,7 @@ class MediaService:
                 self._release(side.pair, fam)
                 side.pair = None
         self._window_due.pop(id(s), None)
+        self._ssrc_pending.pop(id(s), None)
         self.stats.session_ended(self.clock() - s.created, rtp_dirs, rtcp_dirs)
         if reason == "timed out":
             self.stats.nsess_timeout += 1
@@ -159,10 +176,11 @@ class MediaService:
                 (side.rtp_id, side.rtp, side.pair.rtp, other.pair.rtp if other.pair else None, other.rtp),
                 (side.rtcp_id, side.rtcp, side.pair.rtcp, other.pair.rtcp if other.pair else None, other.rtcp),
             ):
-                view = latch.engine_view(st, now)
+                view = latch.engine_view(st, now, self.policy)
                 cfg = StreamConfig(fd=own.fileno(), out_fd=out.fileno() if out else -1, latched=view.latched,
                                    dst=other_st.remote if out else None, gen=s.gen,
-                                   on_mismatch=view.on_mismatch, match=view.match, is_rtp=st.is_rtp)
+                                   on_mismatch=view.on_mismatch, match=view.match, is_rtp=st.is_rtp,
+                                   lock_ssrc=view.lock_ssrc, relatch_packets=view.relatch_packets)
                 if self._pushed.get(sid) != cfg:
                     self.engine.stream_set(sid, cfg)
                     self._pushed[sid] = cfg
@@ -185,7 +203,7 @@ class MediaService:
                 log.info("[%s] media stopped on port %s (%s)", s.call_id, s.sides[ref.side].port,
                          "rtcp" if ref.rtcp else "rtp")
                 continue
-            if ev.kind not in (EV_UNLATCHED, EV_MISMATCH) or ev.src is None:
+            if ev.kind not in (EV_UNLATCHED, EV_MISMATCH, EV_CANDIDATE) or ev.src is None:
                 continue
             if self._learn(s, ref, ev, now):
                 touched[id(s)] = s
@@ -196,7 +214,8 @@ class MediaService:
         side = s.sides[ref.side]
         st = side.rtcp if ref.rtcp else side.rtp
         c = self.engine.counters(ev.stream_id)
-        new, verdict = latch.on_packet(st, ev.src, ev.rtp_valid, ev.ssrc, ev.seq, now, c.last_ssrc, c.last_seq)
+        new, verdict = latch.on_packet(st, ev.kind, ev.src, ev.rtp_valid, ev.ssrc, now, c.last_rx_ns / 1e9,
+                                       self.policy)
         if verdict is latch.Verdict.REFUSED:
             self.stats.refused += 1
             last = self._refused_logged.get(ev.stream_id, 0.0)
@@ -212,7 +231,7 @@ class MediaService:
         else:
             side.rtp = new
             if verdict is not latch.Verdict.FILLED:
-                side.rtcp = latch.guess_rtcp(side.rtcp, ev.src)
+                side.rtcp = latch.follow_rtp(side.rtcp, ev.src)     # RTCP only from where RTP comes
         log.info("[%s] %s %s %s:%s on port %s", s.call_id, verdict.value, "rtcp" if ref.rtcp else "rtp",
                  ev.src[0], ev.src[1], side.port)
         return True
@@ -232,6 +251,25 @@ class MediaService:
                 self.push(s)
         if self.firewall is not None:
             self.firewall.refresh()
+        self._lock_known_ssrcs()
+
+    def _lock_known_ssrcs(self) -> None:
+        """Streams latched by signalling alone (strict) raise no event for their own packets, so
+        the SSRC to lock is taken from their counters once media has arrived."""
+        for key, s in list(self._ssrc_pending.items()):
+            waiting = False
+            for idx, side in enumerate(s.sides):
+                st = side.rtp
+                if not (st.ssrc_lock and st.latched and not st.ssrc):
+                    continue
+                ssrc = self.counters(s, idx).last_ssrc
+                if ssrc:
+                    side.rtp = replace(st, ssrc=ssrc)
+                else:
+                    waiting = True
+            self.push(s)
+            if not waiting:
+                del self._ssrc_pending[key]
 
     def _last_rx(self, side: Side) -> float:
         best = 0

@@ -153,18 +153,33 @@ class Peer:
     def send(self, data: bytes, to) -> None:
         self.sock.sendto(data, to)
 
-    def drain(self, wait: float = 0.3) -> list[tuple[bytes, tuple]]:
-        """Everything that arrives within `wait` seconds of quiet."""
+    def drain(self, wait: float = 0.3, limit: float = 5.0) -> list[tuple[bytes, tuple]]:
+        """Everything that arrives until `wait` seconds pass without a packet (at most `limit` s)."""
         got = []
-        deadline = time.monotonic() + wait
+        end = time.monotonic() + limit
+        deadline = min(end, time.monotonic() + wait)
         while time.monotonic() < deadline:
             try:
                 data, src = self.sock.recvfrom(4096)
                 got.append((data, src[:2]))
-                deadline = time.monotonic() + wait
+                deadline = min(end, time.monotonic() + wait)
             except TimeoutError:
                 pass
         return got
+
+    def flush(self) -> int:
+        """Discard what is queued now, without waiting; returns how many packets."""
+        n = 0
+        self.sock.setblocking(False)
+        try:
+            while n < 100_000:
+                self.sock.recv(4096)
+                n += 1
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.settimeout(0.05)
+        return n
 
     def close(self) -> None:
         self.sock.close()
@@ -196,3 +211,35 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05):
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+class Talker:
+    """A party sending RTP at 50 packets/s (20 ms ptime) from its own socket until stopped."""
+
+    def __init__(self, peer: Peer, dst: tuple, ssrc: int, start_seq: int = 0):
+        import threading
+
+        self.peer, self.dst, self.ssrc, self.seq = peer, dst, ssrc, start_seq
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Talker:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        next_t = time.monotonic()
+        while not self._stop.is_set():
+            self.peer.send(rtp_packet(self.seq, self.ssrc), self.dst)
+            self.seq, self.sent = self.seq + 1, self.sent + 1
+            next_t += 0.02
+            self._stop.wait(max(0.0, next_t - time.monotonic()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+
+def ssrc_of(packet: bytes) -> int:
+    return struct.unpack("!I", packet[8:12])[0]

@@ -9,7 +9,15 @@ import time
 import pytest
 
 from conftest import rtp_packet
-from rtpproxy.engine_api import EV_MISMATCH, EV_SILENT, EV_UNLATCHED, MATCH_IP, MISMATCH_FORWARD, StreamConfig
+from rtpproxy.engine_api import (
+    EV_CANDIDATE,
+    EV_MISMATCH,
+    EV_SILENT,
+    EV_UNLATCHED,
+    MATCH_IP,
+    MISMATCH_FORWARD,
+    StreamConfig,
+)
 from rtpproxy.errors import EngineError
 from rtpproxy.relay import EVENT_BURST, EVENTS_PER_SEC, open_engine
 
@@ -79,7 +87,8 @@ def test_forwards_accepted_packets_and_counts(rig):
 
 def test_unlatched_stream_forwards_and_reports_source(rig):
     relay_in, relay_out, caller, callee = rig.sock(), rig.sock(), rig.sock(), rig.sock()
-    rig.engine.stream_set(1, StreamConfig(relay_in.fileno(), relay_out.fileno(), dst=callee.getsockname(), gen=9))
+    rig.engine.stream_set(1, StreamConfig(relay_in.fileno(), relay_out.fileno(), dst=callee.getsockname(), gen=9,
+                                          on_mismatch=MISMATCH_FORWARD))
     caller.sendto(rtp_packet(5, 0xBEEF), relay_in.getsockname())
     rig.run()
     assert len(rig.recv_all(callee)) == 1
@@ -200,3 +209,45 @@ def test_worker_stats_cover_traffic(rig):
     st = rig.engine.worker_stats()
     assert sum(w.packets for w in st) == 10 and sum(w.relayed for w in st) == 10
     assert sum(w.streams for w in st) == 1
+
+
+def test_unlatched_with_drop_drops_everything_and_reports(rig):
+    """strict mode on hold, or guarded learning: nothing passes until Python decides."""
+    relay_in, relay_out, caller, callee = rig.sock(), rig.sock(), rig.sock(), rig.sock()
+    rig.engine.stream_set(13, StreamConfig(relay_in.fileno(), relay_out.fileno(), dst=callee.getsockname()))
+    caller.sendto(rtp_packet(1, 0x99), relay_in.getsockname())
+    rig.run()
+    assert rig.recv_all(callee) == []
+    assert [(e.kind, e.ssrc) for e in rig.events] == [(EV_UNLATCHED, 0x99)]
+    c = rig.engine.counters(13)
+    assert (c.packets, c.dropped, c.mismatched, c.last_rx_ns) == (1, 1, 0, 0)
+
+
+def test_ssrc_lock_drops_other_ssrcs_from_the_latched_address(rig):
+    relay_in, relay_out, caller, callee = rig.sock(), rig.sock(), rig.sock(), rig.sock()
+    rig.engine.stream_set(14, StreamConfig(relay_in.fileno(), relay_out.fileno(), latched=caller.getsockname(),
+                                           dst=callee.getsockname(), lock_ssrc=0xAAAA))
+    caller.sendto(rtp_packet(1, 0xAAAA), relay_in.getsockname())
+    caller.sendto(rtp_packet(2, 0xBBBB), relay_in.getsockname())           # injected SSRC: dropped
+    rtcp_mux = b"\x81\xc8\x00\x06" + b"\x00\x00\xbb\xbb" + b"\0" * 20   # RTCP on the RTP port: passes
+    caller.sendto(rtcp_mux, relay_in.getsockname())
+    rig.run()
+    assert [d for d, _ in rig.recv_all(callee)] == [rtp_packet(1, 0xAAAA), rtcp_mux]
+    c = rig.engine.counters(14)
+    assert (c.relayed, c.dropped, c.mismatched, c.last_ssrc) == (2, 1, 1, 0xAAAA)
+    assert [(e.kind, e.src, e.ssrc) for e in rig.events] == [(EV_MISMATCH, caller.getsockname(), 0xBBBB)]
+
+
+def test_candidate_after_n_consecutive_packets_from_one_source(rig):
+    relay_in, relay_out, caller, callee, other = (rig.sock() for _ in range(5))
+    rig.engine.stream_set(15, StreamConfig(relay_in.fileno(), relay_out.fileno(), latched=caller.getsockname(),
+                                           dst=callee.getsockname(), relatch_packets=3))
+    for seq in (10, 11, 13, 14):                    # a gap restarts the count
+        other.sendto(rtp_packet(seq, 0x77), relay_in.getsockname())
+    rig.run()
+    assert [e.kind for e in rig.events if e.kind == EV_CANDIDATE] == []
+    other.sendto(rtp_packet(15, 0x77), relay_in.getsockname())             # 13, 14, 15: three in a row
+    rig.run()
+    cands = [e for e in rig.events if e.kind == EV_CANDIDATE]
+    assert [(e.src, e.ssrc, e.seq) for e in cands] == [(other.getsockname(), 0x77, 15)]
+    assert rig.recv_all(callee) == []               # still the engine's rule: dropped until Python decides

@@ -212,7 +212,7 @@ class Commands:
             s.strong = True
         remote = s.sides[1 - sidx]
         asymmetric = opts.asymmetric if opts.asymmetric is not None else False
-        self.svc.signal(s, 1 - sidx, addr, asymmetric)
+        self.svc.signal(s, 1 - sidx, addr, asymmetric, opts.latching, opts.ssrc_lock or None)
         remote.codecs = opts.codecs
         if is_offer:
             s.notify = notify                  # a U without notify arguments drops an earlier registration

@@ -20,6 +20,8 @@ class ULOptions:
     local_addr: Optional[str] = None     # L<addr> / L[v6] / L{label}
     route_to: Optional[str] = None       # R<addr>
     new_port: bool = False               # N
+    latching: Optional[str] = None       # J<s|d|x>: strict, dynamic, dynamic-strict (our extension)
+    ssrc_lock: bool = False              # K: SSRC lock (our extension)
 
 
 def _take(mods: str, i: int, allowed: str) -> tuple[str, int]:
@@ -86,6 +88,14 @@ def parse_ul(mods: str, bridge_configured: bool) -> ULOptions:
             _must_be_ip(o.route_to, rtpp.E_RADDR)
         elif ch == "N":
             o.new_port = True
+        elif ch == "J":
+            modes = {"S": "strict", "D": "dynamic", "X": "dynamic-strict"}
+            if i >= len(mods) or mods[i].upper() not in modes:
+                raise ProtocolError(rtpp.E_BADMOD, "J needs s (strict), d (dynamic) or x (dynamic-strict)")
+            o.latching = modes[mods[i].upper()]
+            i += 1
+        elif ch == "K":
+            o.ssrc_lock = True
         else:
             raise ProtocolError(rtpp.E_BADMOD, f"unknown modifier {mods[i - 1]!r}")
     return o
