@@ -16,6 +16,8 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 setup: $(PY)
+	@# a stray build by another interpreter (python csrc/build_relay.py) would shadow the abi3 one
+	rm -f rtpproxy/_relay.cpython-*.so rtpproxy/_relay.c rtpproxy/_relay.o
 	$(PY) -m pip install --quiet -e '.[test]'
 
 build: setup

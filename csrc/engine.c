@@ -281,10 +281,12 @@ int rp_events_read(struct rp_engine *e, struct rp_event *out, int max)
 {
     int n = 0;
     uint64_t drain;
-    /* Re-arm before reading so an event pushed during the read still wakes us. */
-    __atomic_store_n(&e->ev_armed, 1, __ATOMIC_RELEASE);
+    /* Order matters: clear the eventfd, then arm, then read the rings. An event pushed after the
+     * arming finds the flag set and writes the eventfd again, so it is never left unannounced;
+     * one pushed before it is in the rings we are about to read. */
     while (read(e->evfd, &drain, sizeof(drain)) > 0)
         ;
+    __atomic_store_n(&e->ev_armed, 1, __ATOMIC_SEQ_CST);
     for (unsigned i = 0; i < e->nworkers && n < max; i++) {
         struct rp_ring *r = &e->workers[i].ring;
         uint32_t tail = r->tail;

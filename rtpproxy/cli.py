@@ -21,12 +21,13 @@ from rtpproxy.config import (
     DEFAULT_CONTROL,
     Config,
     check,
-    parse_binds,
     parse_control,
     parse_notify,
 )
 from rtpproxy.errors import ConfigError, RtpproxyError
+from rtpproxy.interfaces import parse_all
 from rtpproxy.nftmgr import parse_admin_chain
+from rtpproxy.syscheck import validate_peers
 
 app = typer.Typer(add_completion=False, no_args_is_help=False,
                   help="Media relay for SIP platforms, speaking the rtpproxy control protocol.")
@@ -44,14 +45,12 @@ def build_config(listen, listen6, advertised, control, min_port, max_port, ttl, 
                  notify, pidfile, user, force_root, foreground, debug, nofile, sequential, tos,
                  backend, workers, update_window=10.0, nft=True, nft_table="rtpproxy", nft_chain=None,
                  nft_required=False, nft_range_policy="drop", latching="dynamic", relatch_packets=3,
-                 relatch_silence=0.2, ssrc_lock=False) -> Config:
+                 relatch_silence=0.2, ssrc_lock=False, peers=(), strict_checks=False) -> Config:
     cfg = Config()
-    if listen:
-        cfg.ipv4 = parse_binds(listen, "-l", 4, advertised)
-    if listen6:
-        cfg.ipv6 = parse_binds(listen6, "-6", 6, None if listen else advertised)
-    if not listen and not listen6:
-        cfg.ipv4 = parse_binds("*", "-l", 4)
+    cfg.interfaces = parse_all(listen or [], "-l", 4, advertised) + \
+        parse_all(listen6 or [], "-6", 6, None if listen else advertised)
+    if not cfg.interfaces:
+        cfg.interfaces = parse_all(["*"], "-l", 4, advertised)
     cfg.control = [parse_control(c) for c in (control or [DEFAULT_CONTROL])]
     cfg.notify = [parse_notify(n) for n in (notify or [])]
     cfg.min_port, cfg.max_port = min_port, max_port
@@ -86,6 +85,11 @@ def build_config(listen, listen6, advertised, control, min_port, max_port, ttl, 
             cfg.nft_chain = parse_admin_chain(nft_chain)
         except ValueError as exc:
             raise ConfigError("--nft-chain", f"{nft_chain!r}: {exc}") from None
+    try:
+        cfg.peers = validate_peers(peers or [])
+    except ValueError as exc:
+        raise ConfigError("--peer", str(exc)) from None
+    cfg.strict_checks = strict_checks
     cfg.backend = backend
     cfg.workers = workers
     check(cfg)
@@ -138,8 +142,8 @@ def _daemonize() -> int:
 
 @app.command()
 def run(
-    listen: Optional[str] = typer.Option(None, "-l", "--listen", help="IPv4 media address; ADDR or INTERNAL/EXTERNAL (bridge). '*' = any."),
-    listen6: Optional[str] = typer.Option(None, "-6", "--listen6", help="IPv6 media address; ADDR or INTERNAL/EXTERNAL."),
+    listen: Optional[List[str]] = typer.Option(None, "-l", "--listen", help="Media address, repeatable: ADDR ('*' = any), INTERNAL/EXTERNAL (bridge), NAME/ADDR[!ADVERTISED], LABEL@ADDR[=ADVERTISED]."),
+    listen6: Optional[List[str]] = typer.Option(None, "-6", "--listen6", help="IPv6 media address, repeatable; same forms as -l."),
     advertised: Optional[str] = typer.Option(None, "-A", "--advertise", help="Address(es) shown in U/L replies: ADV or ADV1/ADV2."),
     control: Optional[List[str]] = typer.Option(None, "-s", "--control", help=f"Control socket, repeatable: udp:HOST:PORT, udp6:, tcp:, unix:/PATH, cunix:/PATH, stdio:. Default {DEFAULT_CONTROL}."),
     min_port: int = typer.Option(35000, "-m", "--min-port", help="Lowest media port."),
@@ -163,6 +167,8 @@ def run(
     relatch_packets: int = typer.Option(3, "--relatch-packets", help="Consecutive packets (one SSRC, sequential) a new source needs to take over a latched stream."),
     relatch_silence: float = typer.Option(0.2, "--relatch-silence", help="... and the latched source must have been silent this many seconds."),
     ssrc_lock: bool = typer.Option(False, "--ssrc-lock", help="Drop RTP with another SSRC from the latched source until re-negotiation (per call: modifier K)."),
+    peer: Optional[List[str]] = typer.Option(None, "--peer", help="Network media comes from (repeatable): the start-up checks probe routes to it."),
+    strict_checks: bool = typer.Option(False, "--strict-checks", help="Refuse to start when the host checks (rtpproxy doctor) find errors."),
     nft: bool = typer.Option(True, "--nft/--no-nft", help="Open exactly the live calls' media ports in nftables (needs CAP_NET_ADMIN)."),
     nft_table: str = typer.Option("rtpproxy", "--nft-table", help="Name of the daemon's own table (inet family)."),
     nft_chain: Optional[str] = typer.Option(None, "--nft-chain", help="inet:TABLE:CHAIN of your own ruleset to hook into instead of a standalone table (e.g. inet:filter:input)."),
@@ -177,7 +183,7 @@ def run(
                            independent_ttl, notify, pidfile, user, force_root, foreground or not legacy,
                            debug, nofile, sequential, tos, backend, workers, update_window, nft, nft_table,
                            nft_chain, nft_required, nft_range_policy, latching, relatch_packets, relatch_silence,
-                           ssrc_lock)
+                           ssrc_lock, peer, strict_checks)
         setup_logging(cfg)
         if cfg.nofile:
             try:
@@ -249,9 +255,11 @@ def version() -> None:
 
 
 def _add_subapps() -> None:
+    from rtpproxy.doctorcli import doctor  # noqa: PLC0415
     from rtpproxy.nftcli import app as nft_app  # noqa: PLC0415
 
     app.add_typer(nft_app, name="nft")
+    app.command()(doctor)
 
 
 LEGACY_INFO = {"-V", "-v", "-C"}

@@ -19,6 +19,11 @@ class Bind:
 
     host: str
     advertised: Optional[str] = None
+    name: str = ""                     # internal / external (bridge), or the operator's label
+
+    @property
+    def is_v6(self) -> bool:
+        return ":" in self.host
 
     @property
     def wildcard(self) -> bool:
@@ -57,8 +62,7 @@ class NotifyTarget:
 
 @dataclass
 class Config:
-    ipv4: list[Bind] = field(default_factory=list)       # 1 address, or 2 in bridge mode (internal/external)
-    ipv6: list[Bind] = field(default_factory=list)
+    interfaces: list[Bind] = field(default_factory=list)  # from -l and -6, in order (interfaces.py)
     control: list[ControlSpec] = field(default_factory=list)
     notify: list[NotifyTarget] = field(default_factory=list)
     min_port: int = 35000
@@ -86,12 +90,24 @@ class Config:
     nft_chain: Optional[tuple[str, str, str]] = None      # (family, table, chain) of the admin's ruleset
     nft_required: bool = False                            # refuse calls whose ports nft could not open
     nft_range_policy: str = "drop"                        # drop | none
+    peers: list[str] = field(default_factory=list)       # --peer networks for the route checks
+    strict_checks: bool = False
     backend: str = "auto"
     workers: int = 0                                      # 0: one per core
 
     @property
+    def ipv4(self) -> list[Bind]:
+        return [b for b in self.interfaces if not b.is_v6]
+
+    @property
+    def ipv6(self) -> list[Bind]:
+        return [b for b in self.interfaces if b.is_v6]
+
+    @property
     def bridge(self) -> bool:
-        return len(self.ipv4) == 2 or len(self.ipv6) == 2
+        from rtpproxy.interfaces import has_bridge  # noqa: PLC0415
+
+        return has_bridge(self.interfaces)
 
     def latch_policy(self):
         from rtpproxy.latch import Mode, Policy  # noqa: PLC0415
@@ -112,7 +128,7 @@ class Config:
     @property
     def max_streams(self) -> int:
         """Engine stream slots: at most one media socket per port and bind address."""
-        return (self.max_port - self.min_port + 2) * max(1, len(self.ipv4) + len(self.ipv6))
+        return (self.max_port - self.min_port + 2) * max(1, len(self.interfaces))
 
 
 def _numeric_host(value: str, flag: str, version: Optional[int] = None) -> str:
@@ -125,19 +141,6 @@ def _numeric_host(value: str, flag: str, version: Optional[int] = None) -> str:
     if version and ip.version != version:
         raise ConfigError(flag, f"{value!r} is not an IPv{version} address")
     return str(ip)
-
-
-def parse_binds(value: str, flag: str, version: int, advertised: Optional[str] = None) -> list[Bind]:
-    """-l / -6 value: 'addr' or bridge 'internal/external'; -A gives 'adv' or 'adv1/adv2'."""
-    hosts = value.split("/")
-    advs = advertised.split("/") if advertised else []
-    if len(hosts) > 2 or len(advs) > len(hosts):
-        raise ConfigError(flag, f"{value!r}: use ADDR or INTERNAL/EXTERNAL (with -A ADV or ADV1/ADV2)")
-    out = []
-    for i, h in enumerate(hosts):
-        adv = _numeric_host(advs[i], "-A") if i < len(advs) and advs[i] else None
-        out.append(Bind(_numeric_host(h, flag, version), adv))
-    return out
 
 
 def parse_control(value: str) -> ControlSpec:

@@ -95,6 +95,7 @@ class Daemon:
                 candidate = MediaFirewall(cfg.nft_layout(), required=cfg.nft_required)
                 candidate.setup()                  # one transaction: all of it or nothing
                 firewall = svc.firewall = candidate
+            self._host_checks(firewall)
             only_stdio = all(c.kind == "stdio" for c in cfg.control)
             for spec in cfg.control:
                 if spec.kind in ("udp", "udp6"):
@@ -120,7 +121,8 @@ class Daemon:
             log.info("ready: %s engine (%d worker%s), control %s, media %s, ports %d-%d",
                      engine.name, getattr(engine, "workers", 1), "s" if getattr(engine, "workers", 1) > 1 else "",
                      ", ".join(str(c) for c in cfg.control),
-                     ", ".join(b.host + (f" ({b.advertised})" if b.advertised else "") for b in cfg.ipv4 + cfg.ipv6),
+                     ", ".join((f"{b.name}/" if b.name else "") + b.host + (f"!{b.advertised}" if b.advertised else "")
+                               for b in cfg.interfaces),
                      cfg.min_port, cfg.max_port)
             _sd_notify("READY=1")
             if self.on_ready:
@@ -151,6 +153,21 @@ class Daemon:
                     os.unlink(cfg.pidfile)
                 except OSError as exc:
                     log.warning("cannot remove pidfile %s: %s", cfg.pidfile, exc)
+
+    def _host_checks(self, firewall) -> None:
+        """rtpproxy doctor's checks at start: logged; fatal with --strict-checks."""
+        from rtpproxy import syscheck  # noqa: PLC0415
+
+        cfg = self.cfg
+        findings = syscheck.evaluate(syscheck.gather(cfg.interfaces, cfg.peers), cfg.min_port, cfg.max_port,
+                                     len(cfg.interfaces))
+        for f in findings:
+            if f.level == "error":
+                log.error("check: %s", f.line())
+            elif f.level == "warn":
+                log.warning("check: %s", f.line())
+        if cfg.strict_checks and syscheck.exit_code(findings) == 2:
+            raise ConfigError("--strict-checks", "the host checks found errors (see above, or run rtpproxy doctor)")
 
     async def _tick(self, svc: MediaService) -> None:
         while True:

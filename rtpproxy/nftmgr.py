@@ -14,6 +14,7 @@ from typing import Any, Iterable, Optional
 from rtpproxy.errors import NftError
 
 OWN_COMMENT = "rtpproxy"                      # marks the jump rule we insert in chain mode
+RPF_COMMENT = "rtpproxy: reverse-path check fails"
 COMMENT_MAX = 127                             # nft's userdata limit for comments, minus room
 
 
@@ -123,7 +124,8 @@ def removal_text(layout: NftLayout, jump_handles: Iterable[int] = ()) -> str:
         return f"table {fam} {table}\ndelete table {fam} {table}\n"
     _, _, base = layout.admin_chain
     lines = [f"delete rule {fam} {table} {base} handle {h}" for h in jump_handles]
-    lines += [f"add chain {fam} {table} {layout.chain}", f"delete chain {fam} {table} {layout.chain}"]
+    for chain in (layout.chain, layout.prefix + "rpcheck"):
+        lines += [f"add chain {fam} {table} {chain}", f"delete chain {fam} {table} {chain}"]
     for kind in layout.set_kinds:
         name = layout.set_name(kind)
         key = {"media4": "ipv4_addr . inet_service", "media6": "ipv6_addr . inet_service"}.get(kind, "inet_service")

@@ -251,3 +251,25 @@ def test_candidate_after_n_consecutive_packets_from_one_source(rig):
     cands = [e for e in rig.events if e.kind == EV_CANDIDATE]
     assert [(e.src, e.ssrc, e.seq) for e in cands] == [(other.getsockname(), 0x77, 15)]
     assert rig.recv_all(callee) == []               # still the engine's rule: dropped until Python decides
+
+
+def test_events_keep_waking_the_loop_after_a_storm(rig):
+    """Regression: a producer racing the consumer's re-arm once swallowed the wake-up, and every
+    later event sat in the ring unannounced."""
+    import random
+    senders = [rig.sock() for _ in range(4)]
+    ins = [rig.sock() for _ in range(40)]
+    for i, s in enumerate(ins):
+        rig.engine.stream_set(20 + i, StreamConfig(s.fileno(), -1))          # unlatched, DROP: all reported
+    rng = random.Random(5)
+    for _ in range(300):
+        for s in rng.sample(ins, 6):
+            rng.choice(senders).sendto(rtp_packet(1), s.getsockname())
+        rig.run(0.002)
+    rig.run(0.3)
+    rig.events.clear()
+    last_in = rig.sock()
+    rig.engine.stream_set(60, StreamConfig(last_in.fileno(), -1))
+    senders[0].sendto(rtp_packet(2), last_in.getsockname())
+    rig.run(0.3)
+    assert [(e.kind, e.stream_id) for e in rig.events] == [(EV_UNLATCHED, 60)]

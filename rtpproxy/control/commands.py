@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from rtpproxy.config import Bind, Config, NotifyTarget
+from rtpproxy import interfaces
 from rtpproxy.control import rtpp
 from rtpproxy.control.modifiers import ULOptions, parse_ul
 from rtpproxy.engine_api import Address
@@ -189,8 +190,11 @@ class Commands:
             s, sidx = self.svc.new_session(call_id, from_tag, to_tag), 0
         else:
             sidx = i if is_offer else 1 - i
-        bind = self._bind_for(opts, sidx)
         side = s.sides[sidx]
+        # The side's own party decides the family when it is known (v4/v6 bridging), else the
+        # command's '6' (the offer's family is the best guess for the party yet to answer).
+        known = side.rtp.signalled
+        bind = self._bind_for(opts, sidx, ":" in known[0] if known else opts.ipv6)
         if side.pair is None or opts.new_port:
             try:
                 self.svc.open_side(s, sidx, bind)
@@ -220,8 +224,8 @@ class Commands:
         self.svc.push(s)
         return _port_reply(side.port, side.advertised)
 
-    def _bind_for(self, opts: ULOptions, sidx: int) -> Bind:
-        binds = self.cfg.ipv6 if opts.ipv6 else self.cfg.ipv4
+    def _bind_for(self, opts: ULOptions, sidx: int, want_v6: bool) -> Bind:
+        ifaces = self.cfg.interfaces
         if opts.local_addr is not None:
             return self._named_bind(opts.local_addr, rtpp.E_LADDR_INV)
         if opts.route_to is not None:
@@ -234,21 +238,20 @@ class Commands:
             except OSError:
                 raise ProtocolError(rtpp.E_RADDR_INV, f"no route to {opts.route_to}") from None
             return self._named_bind(local, rtpp.E_RADDR_INV)
-        if not binds:
-            raise ProtocolError(rtpp.E_NOAF, "no local address of that family (-l / -6)")
-        if len(binds) == 2:
-            # The 1st letter picks the interface of the from side (stream[1]), the 2nd the to side
-            # (stream[0]); I = internal (first address), E = external (second).
-            pos = 0 if sidx == 1 else 1
-            letter = opts.bridge[pos] if len(opts.bridge) > pos else "I"
-            return binds[1] if letter == "E" else binds[0]
-        return binds[0]
+        # The 1st bridge letter picks the interface of the from side (stream[1]), the 2nd the to
+        # side (stream[0]); I = internal, E = external.
+        pos = 0 if sidx == 1 else 1
+        letter = opts.bridge[pos] if len(opts.bridge) > pos else None
+        bind = interfaces.select(ifaces, want_v6, letter)
+        if bind is None:
+            raise ProtocolError(rtpp.E_NOAF, f"no local IPv{6 if want_v6 else 4} address (-l / -6)")
+        return bind
 
     def _named_bind(self, value: str, code: int) -> Bind:
-        for b in self.cfg.ipv4 + self.cfg.ipv6:
-            if value in (b.host, b.advertised):
-                return b
-        raise ProtocolError(code, f"{value} is not one of the relay's addresses")
+        bind = interfaces.by_name_or_address(self.cfg.interfaces, value)
+        if bind is None:
+            raise ProtocolError(code, f"{value} is not one of the relay's addresses or labels")
+        return bind
 
     def _notify_target(self, notify_args: tuple[str, str], ctx: Context) -> Optional[tuple[NotifyTarget, str]]:
         if not self.cfg.notify:
