@@ -76,3 +76,40 @@ def loadgen(port: int, sessions: int, seconds: int, pid: int, cpus: str = "0", n
     if out.returncode != 0:
         raise RuntimeError(f"loadgen failed: {out.stderr}")
     return json.loads(out.stdout)
+
+
+class RtpEngine:
+    """Debian's rtpengine, userspace only (--table=-1), legacy protocol on --listen-udp."""
+
+    def __init__(self, threads: int = 1, cpus: str = "1"):
+        self.port = free_udp_port()
+        self.args = ["taskset", "-c", cpus, "rtpengine", "--table=-1", "--no-fallback", "--interface=127.0.0.1",
+                     f"--listen-udp=127.0.0.1:{self.port}", "--port-min=30000", "--port-max=39999",
+                     f"--num-threads={threads}", "--foreground", "--log-stderr", "--log-level=3"]
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "RtpEngine":
+        self.proc = subprocess.Popen(self.args, stderr=subprocess.DEVNULL)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(0.2)
+            for i in range(50):
+                try:
+                    s.sendto(f"probe{i} V".encode(), ("127.0.0.1", self.port))
+                    if s.recv(100).split()[1] == b"20040107":
+                        return self
+                except OSError:
+                    time.sleep(0.1)
+        raise RuntimeError("rtpengine did not start")
+
+    @property
+    def pid(self) -> int:
+        """The daemon itself, not the taskset wrapper (taskset execs, so they are the same)."""
+        return self.proc.pid
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

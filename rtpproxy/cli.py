@@ -21,6 +21,7 @@ from rtpproxy.config import (
     DEFAULT_CONTROL,
     Config,
     check,
+    conf_to_argv,
     parse_control,
     parse_notify,
 )
@@ -154,7 +155,7 @@ def run(
     notify: Optional[List[str]] = typer.Option(None, "-n", "--notify", help="Allowed timeout-notification target, repeatable: unix:/PATH or tcp:HOST:PORT."),
     pidfile: Optional[str] = typer.Option(None, "-p", "--pidfile", help="Write the process id here; removed on exit."),
     user: Optional[str] = typer.Option(None, "-u", "--user", help="Drop privileges to USER[:GROUP] once sockets are open."),
-    force_root: bool = typer.Option(False, "-F", help="Allow running as root with a UDP control socket."),
+    force_root: bool = typer.Option(False, "-F", "--force-root", help="Allow running as root with a UDP control socket."),
     foreground: bool = typer.Option(False, "-f", "--foreground", help="Stay in the foreground (always so for 'run')."),
     debug: Optional[str] = typer.Option(None, "-d", "--debug", help="Log level DBUG|INFO|WARN|ERR|CRIT[:syslog facility]."),
     nofile: Optional[int] = typer.Option(None, "-L", "--nofile", help="Raise the open-file limit to this."),
@@ -175,6 +176,7 @@ def run(
     nft_required: bool = typer.Option(False, "--nft-required", help="Refuse a call (E72/E71) when its ports cannot be opened in nftables."),
     nft_range_policy: str = typer.Option("drop", "--nft-range-policy", help="drop: drop media-range packets outside live calls; none: leave them to your rules."),
     legacy: bool = typer.Option(False, "--legacy-invocation", hidden=True),
+    config: Optional[str] = typer.Option(None, "--config", help="Options file (/etc/rtpproxy/rtpproxy.conf): `option = value` lines, the long flag names; read in place of this flag."),
 ) -> None:
     """Run the relay. Without a subcommand, rtpproxy takes the same flags and, like sippy's
     rtpproxy, goes to the background unless -f is given."""
@@ -265,6 +267,31 @@ def _add_subapps() -> None:
 LEGACY_INFO = {"-V", "-v", "-C"}
 
 
+def _expand_config(args: List[str]) -> List[str]:
+    """`--config FILE` anywhere after the subcommand: its options go in its place, so flags given
+    after it on the command line win (typer keeps the last value of a single-valued flag)."""
+    if not args or args[0] != "run" or "--config" not in args[1:]:
+        return args
+    i = args.index("--config", 1)
+    if i + 1 >= len(args):
+        _exit_config("a file name is required")
+    path = args[i + 1]
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as exc:
+        _exit_config(f"cannot read {path}: {exc.strerror}")
+    try:
+        return args[:i] + conf_to_argv(text, path) + args[i + 2:]
+    except ConfigError as exc:
+        _exit_config(str(exc).removeprefix("--config: "))
+
+
+def _exit_config(message: str) -> None:
+    """Errors found before typer runs (it is typer that turns Exit into a status)."""
+    sys.stderr.write(f"rtpproxy: error: --config: {message}\n")
+    sys.exit(2)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) == 1 and args[0] in LEGACY_INFO:
@@ -281,5 +308,6 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     if args and args[0].startswith("-") and args[0] not in ("--help", "-h"):
         args = ["run", "--legacy-invocation", *args]       # sippy-style: flags without a subcommand
+    args = _expand_config(args)
     _add_subapps()
     app(args=args, prog_name="rtpproxy")

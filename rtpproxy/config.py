@@ -120,10 +120,13 @@ class Config:
         from rtpproxy.firewall import MARGIN_S  # noqa: PLC0415
         from rtpproxy.nftmgr import NftLayout  # noqa: PLC0415
 
+        from rtpproxy.syscheck import unreserved_ephemeral  # noqa: PLC0415
+
         return NftLayout(table=self.nft_table, admin_chain=self.nft_chain, min_port=self.min_port,
                          max_port=self.max_port, range_policy=self.nft_range_policy,
                          element_timeout=max(self.ttl, self.setup_ttl) + MARGIN_S,
-                         control_ports=tuple(c.port for c in self.control if c.kind in ("udp", "udp6")))
+                         control_ports=tuple(c.port for c in self.control if c.kind in ("udp", "udp6")),
+                         ephemeral=unreserved_ephemeral())
 
     @property
     def max_streams(self) -> int:
@@ -236,3 +239,38 @@ def check(cfg: Config) -> None:
         raise ConfigError("-L", "the open-file limit must be at least 64")
     if cfg.pidfile and not os.path.isdir(os.path.dirname(os.path.abspath(cfg.pidfile))):
         raise ConfigError("-p", f"{cfg.pidfile}: the directory does not exist")
+
+
+def conf_to_argv(text: str, path: str = "rtpproxy.conf") -> list[str]:
+    """/etc/rtpproxy/rtpproxy.conf: `option = value` lines naming the long flags (`listen = ...`
+    for --listen; `option = yes|no` for switches, which are off unless said otherwise, except
+    `nft`). Repeat a line for repeatable flags. The flags then go through the same checks as on
+    the command line, which name the option; a line that is not `name = value` is refused here."""
+    argv: list[str] = []
+    on_by_default = {"nft"}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, value = (part.strip() for part in line.partition("="))
+        if not sep or not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError("--config", f"{path}:{n}: expected 'option = value', got {raw.strip()!r}")
+        flag = "--" + name.replace("_", "-")
+        if value.lower() in ("yes", "true", "on"):
+            argv.append(flag)
+        elif value.lower() in ("no", "false", "off"):
+            if name.replace("_", "-") in on_by_default:
+                argv.append("--no-" + name.replace("_", "-"))
+        else:
+            argv += [flag, value]
+    return argv
+
+
+def conf_values(text: str, path: str = "rtpproxy.conf") -> dict[str, str]:
+    """The last value of every option in a conf file (for tools that need a few of them)."""
+    argv = conf_to_argv(text, path)
+    out: dict[str, str] = {}
+    for i, a in enumerate(argv):
+        if a.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out[a[2:]] = argv[i + 1]
+    return out

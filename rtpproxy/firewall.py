@@ -29,6 +29,7 @@ class MediaFirewall:
         self.clock = clock
         self._open: dict[tuple[str, int], tuple[str, float]] = {}   # (host, port) -> (call-id, refreshed)
         self.failures = 0
+        self._last_pass = 0.0
 
     # ---- lifecycle --------------------------------------------------------
     def setup(self) -> None:
@@ -91,6 +92,9 @@ class MediaFirewall:
         """Re-add (which restarts the timeout) every element refreshed more than a third of the
         timeout ago. Called once a second; returns how many were refreshed."""
         now = self.clock()
+        if now - self._last_pass < self.layout.element_timeout / 6:
+            return 0                         # a pass every sixth of the timeout keeps every element alive
+        self._last_pass = now
         due = [(k, cid) for k, (cid, t) in self._open.items() if now - t >= self.layout.element_timeout / 3]
         if not due:
             return 0

@@ -62,12 +62,21 @@ def setup(table: str = TABLE, chain: Optional[str] = CHAIN, min_port: int = MIN_
 
 
 @app.command()
-def teardown(table: str = TABLE, chain: Optional[str] = CHAIN) -> None:
+def teardown(table: str = TABLE, chain: Optional[str] = CHAIN,
+             config: Optional[str] = typer.Option(None, "--config", help="Take nft-table/nft-chain from the daemon's options file.")) -> None:
     """Remove everything the daemon adds (idempotent); for ExecStopPost and after a crash."""
     def act():
+        from rtpproxy.config import conf_values  # noqa: PLC0415
         from rtpproxy.firewall import MediaFirewall  # noqa: PLC0415
 
-        layout = _layout(table, chain, 35000, 65000, "drop", 60)
+        t, c = table, chain
+        if config:
+            try:
+                values = conf_values(open(config, encoding="utf-8").read(), config)
+            except OSError as exc:
+                raise ConfigError("--config", f"cannot read {config}: {exc.strerror}") from None
+            t, c = values.get("nft-table", t), values.get("nft-chain", c)
+        layout = _layout(t, c, 35000, 65000, "drop", 60)
         MediaFirewall(layout).teardown()
         typer.echo(f"{layout.family} {layout.table_name}: removed")
     _run(act)

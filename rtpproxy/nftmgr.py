@@ -29,6 +29,10 @@ class NftLayout:
     range_policy: str = "drop"                # drop | none
     element_timeout: int = 90                 # seconds
     control_ports: tuple[int, ...] = ()       # UDP control ports inside the media range stay open
+    # Ports of the media range the kernel may give other programs as ephemeral ports (the
+    # ephemeral range minus ip_local_reserved_ports): dropping them would drop replies to those
+    # programs (DNS, ...), so the range drop leaves them out.
+    ephemeral: tuple[tuple[int, int], ...] = ()
 
     @property
     def family(self) -> str:
@@ -101,7 +105,12 @@ def render_skeleton(layout: NftLayout, template: Optional[str] = None) -> str:
         ports = ", ".join(str(p) for p in inside)
         control = f'\t\tudp dport {{ {ports} }} counter accept comment "rtpproxy: control port inside the media range"'
     if layout.range_policy == "drop":
-        rng = (f"\t\tudp dport {layout.min_port}-{layout.max_port} counter drop "
+        spared = [(lo, hi) for lo, hi in layout.ephemeral if lo <= layout.max_port and hi >= layout.min_port]
+        skip = ""
+        if spared:
+            ranges = ", ".join(f"{max(lo, layout.min_port)}-{min(hi, layout.max_port)}" for lo, hi in spared)
+            skip = f"udp dport != {{ {ranges} }} "
+        rng = (f"\t\tudp dport {layout.min_port}-{layout.max_port} {skip}counter drop "
                f'comment "rtpproxy: media port outside any call"')
     else:
         rng = "\t\t# --nft-range-policy none: other media ports are left to the admin's rules"

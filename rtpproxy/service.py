@@ -7,6 +7,8 @@ engine entries of its four sockets from the session and sends those that changed
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import socket
 import time
@@ -65,6 +67,8 @@ class MediaService:
         self._refused_logged: dict[int, float] = {}
         self._window_due: dict[int, tuple[float, Session]] = {}   # id(session) -> (window end, session)
         self._ssrc_pending: dict[int, Session] = {}               # SSRC-locked sessions yet to see RTP
+        self._deadlines: list[tuple[float, int, int, Session]] = []   # (when to look again, order, gen, session)
+        self._order = itertools.count()
 
     # ---- ports and sides --------------------------------------------------
     def open_side(self, s: Session, idx: int, bind: Bind) -> None:
@@ -122,6 +126,9 @@ class MediaService:
 
     def touch(self, s: Session) -> None:
         s.last_signal = self.clock()
+        # A U/L restarts the clock; the earliest it can run out is the shorter TTL from now.
+        limit = min(self.cfg.ttl, self.cfg.setup_ttl)
+        heapq.heappush(self._deadlines, (s.last_signal + limit, next(self._order), s.gen, s))
         if not s.complete and s.sides[1].pair is not None:
             s.complete = True
             self.stats.nsess_complete += 1
@@ -240,11 +247,19 @@ class MediaService:
     def tick(self) -> None:
         """Once a second: time out idle sessions, close the learning windows that ended."""
         now = self.clock()
-        for s in list(self.sessions):
-            if self.remaining(s) <= 0:
-                if s.notify and self.on_timeout:
-                    self.on_timeout(s)
-                self.destroy(s, "timed out")
+        # Only sessions whose deadline has come are looked at: media keeps pushing a live
+        # session's deadline out, so a busy relay checks each session about once per TTL.
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, gen, s = heapq.heappop(self._deadlines)
+            if s.gen != gen or not self.sessions.contains(s):
+                continue
+            left = self.remaining(s)
+            if left > 0:
+                heapq.heappush(self._deadlines, (now + left, next(self._order), gen, s))
+                continue
+            if s.notify and self.on_timeout:
+                self.on_timeout(s)
+            self.destroy(s, "timed out")
         for key, (due, s) in list(self._window_due.items()):
             if due <= now:
                 del self._window_due[key]

@@ -92,6 +92,9 @@ class SessionTable:
     def __len__(self) -> int:
         return self.count
 
+    def contains(self, s: Session) -> bool:
+        return any(x is s for x in self._by_call.get(s.call_id, ()))
+
     def add(self, s: Session) -> None:
         self._by_call.setdefault(s.call_id, []).append(s)
         self.count += 1

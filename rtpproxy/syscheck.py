@@ -55,6 +55,7 @@ class Facts:
     rp_filter: dict[str, int] = field(default_factory=dict)       # "all" and each interface
     ip_forward: int = 0
     local_port_range: tuple[int, int] = (32768, 60999)
+    reserved_ports: list[tuple[int, int]] = field(default_factory=list)
     nofile: int = 1024
     rmem_max: int = 212992
     routes: list[RouteProbe] = field(default_factory=list)
@@ -109,10 +110,11 @@ def evaluate(f: Facts, min_port: int, max_port: int, n_addresses: int, kernel_ti
                            + " ".join(f"net.ipv4.conf.{i}.rp_filter=2" for i in strict) if strict
                            else "fix the routes above, or keep rp_filter loose"))
     lo, hi = f.local_port_range
-    if lo <= max_port and min_port <= hi:
+    clash = [(a, b) for a, b in port_ranges_minus((lo, hi), f.reserved_ports) if a <= max_port and min_port <= b]
+    if clash:
         out.append(Finding("warn", "ports", f"media ports {min_port}-{max_port} overlap the kernel's ephemeral "
-                           f"range {lo}-{hi}", "outgoing connections of any program can take media ports, and "
-                           "calls then fail to get ports (E72)",
+                           f"range {lo}-{hi}", "outgoing connections of any program can take media ports (calls "
+                           "then fail with E72), and the firewall cannot drop strays to those ports",
                            f"sysctl -w net.ipv4.ip_local_reserved_ports={max(lo, min_port)}-{min(hi, max_port)}"))
     else:
         out.append(Finding("ok", "ports", f"media ports {min_port}-{max_port} are outside the ephemeral range"))
@@ -200,6 +202,10 @@ def gather(binds: Sequence[Bind], peers: Sequence[str], rpf_fails: Optional[int]
     f.ip_forward = _read_int(SYSCTL / "net/ipv4/ip_forward")
     rng = (SYSCTL / "net/ipv4/ip_local_port_range").read_text().split()
     f.local_port_range = (int(rng[0]), int(rng[1]))
+    try:
+        f.reserved_ports = parse_port_list((SYSCTL / "net/ipv4/ip_local_reserved_ports").read_text())
+    except (OSError, ValueError):
+        pass
     f.nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     f.rmem_max = _read_int(SYSCTL / "net/core/rmem_max", 212992)
     for net in peers:
@@ -211,6 +217,44 @@ def gather(binds: Sequence[Bind], peers: Sequence[str], rpf_fails: Optional[int]
             _in, in_err = _ip_json("route", "get", local, "from", peer, "iif", ifname)
             f.routes.append(RouteProbe(peer, local, ifname, dev, out_err, _in is not None, in_err))
     return f
+
+
+def port_ranges_minus(base: tuple[int, int], holes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """base with the holes cut out (pure)."""
+    out = [base]
+    for lo, hi in sorted(holes):
+        nxt = []
+        for a, b in out:
+            if hi < a or lo > b:
+                nxt.append((a, b))
+                continue
+            if a < lo:
+                nxt.append((a, lo - 1))
+            if hi < b:
+                nxt.append((hi + 1, b))
+        out = nxt
+    return out
+
+
+def parse_port_list(text: str) -> list[tuple[int, int]]:
+    """ip_local_reserved_ports syntax: '35000-65000,22222' (pure)."""
+    out = []
+    for part in text.replace("\n", "").split(","):
+        part = part.strip()
+        if part:
+            lo, _, hi = part.partition("-")
+            out.append((int(lo), int(hi or lo)))
+    return out
+
+
+def unreserved_ephemeral() -> tuple[tuple[int, int], ...]:
+    """Ports the kernel may pick as ephemeral: ip_local_port_range minus ip_local_reserved_ports."""
+    try:
+        lo, hi = (int(x) for x in (SYSCTL / "net/ipv4/ip_local_port_range").read_text().split())
+        reserved = parse_port_list((SYSCTL / "net/ipv4/ip_local_reserved_ports").read_text())
+    except (OSError, ValueError):
+        return ()
+    return tuple(port_ranges_minus((lo, hi), reserved))
 
 
 def validate_peers(values: Sequence[str]) -> list[str]:

@@ -27,6 +27,9 @@ def hosts():
     relay, peer = Netns("relay"), Netns("peer")
     try:
         link(relay, RELAY_IP, peer, PEER_IP)
+        # As `rtpproxy doctor` advises: keep the kernel from handing media ports out as ephemeral
+        # ports, which the range drop must otherwise spare.
+        relay.sysctl("net.ipv4.ip_local_reserved_ports", f"{LO}-{LO + 4100}")
         yield relay, peer
     finally:
         relay.delete()
@@ -200,3 +203,30 @@ def test_thousand_sessions_tracked_exactly(hosts, tmp_path):
         print(f"\n2000 U/L with nft over a unix socket (one connection each): {setup:.2f} s")
     finally:
         relay.stop()
+
+
+def test_range_drop_spares_ports_the_kernel_may_use_as_ephemeral(tmp_path):
+    """Without reserved ports, replies to other programs' ephemeral ports inside the media range
+    (DNS answers, say) must still get through: the drop leaves those ports out."""
+    relay_ns, peer_ns = Netns("relay"), Netns("peer")
+    try:
+        link(relay_ns, RELAY_IP, peer_ns, PEER_IP)
+        relay_ns.sysctl("net.ipv4.ip_local_port_range", f"{LO} {LO + 5}")
+        relay = NsRelay(relay_ns, tmp_path, "--nft").start()
+        try:
+            client = relay_ns.socket()
+            client.bind((RELAY_IP, LO + 2))               # a program's ephemeral port in the media range
+            client.settimeout(0.5)
+            peer = peer_ns.socket()
+            peer.bind((PEER_IP, 53))
+            peer.sendto(b"answer", (RELAY_IP, LO + 2))
+            assert client.recv(100) == b"answer"
+            ruleset = relay_ns.run("nft", "list", "table", "inet", "rtpproxy").stdout
+            assert f"udp dport != {{ {LO}-{LO + 5} }}" in ruleset or f"!= {LO}-{LO + 5}" in ruleset
+            client.close()
+            peer.close()
+        finally:
+            relay.stop()
+    finally:
+        relay_ns.delete()
+        peer_ns.delete()
