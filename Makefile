@@ -63,7 +63,7 @@ uninstall:
 
 lint: setup
 	$(PY) -m pip install --quiet ruff
-	$(VENV)/bin/ruff check rtpproxy tests csrc/build_relay.py
+	$(VENV)/bin/ruff check rtpproxy tests bench csrc/build_relay.py
 
 clean:
 	rm -rf build dist *.egg-info debian/.debhelper debian/rtpproxy debian/files debian/*.substvars debian/*.log rtpproxy/_relay*.so rtpproxy/_relay.c rtpproxy/_relay.o .pytest_cache .hypothesis

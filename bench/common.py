@@ -88,7 +88,7 @@ class RtpEngine:
                      f"--num-threads={threads}", "--foreground", "--log-stderr", "--log-level=3"]
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "RtpEngine":
+    def __enter__(self) -> RtpEngine:
         self.proc = subprocess.Popen(self.args, stderr=subprocess.DEVNULL)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(0.2)
