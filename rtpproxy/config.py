@@ -134,7 +134,8 @@ class Config:
         return (self.max_port - self.min_port + 2) * max(1, len(self.interfaces))
 
 
-def _numeric_host(value: str, flag: str, version: Optional[int] = None) -> str:
+def numeric_host(value: str, flag: str, version: Optional[int] = None) -> str:
+    """A numeric address as given to a flag ('*' or empty: the wildcard of the family)."""
     if value in ("*", ""):
         return "::" if version == 6 else "0.0.0.0"
     try:
@@ -165,7 +166,7 @@ def parse_control(value: str) -> ControlSpec:
         raise ConfigError("-s", f"{value!r}: unknown transport {kind!r}")
     version = 6 if kind.endswith("6") else 4
     host, port = _split_host_port(rest, version, "-s")
-    return ControlSpec(kind, host=_numeric_host(host, "-s", version), port=port or DEFAULT_UDP_PORT)
+    return ControlSpec(kind, host=numeric_host(host, "-s", version), port=port or DEFAULT_UDP_PORT)
 
 
 def _split_host_port(rest: str, version: int, flag: str) -> tuple[str, int]:
@@ -202,7 +203,7 @@ def parse_notify(value: str) -> NotifyTarget:
         if not port:
             raise ConfigError("-n", f"{value!r}: a port is required")
         if host != "%%CC_SELF%%":
-            host = _numeric_host(host, "-n")
+            host = numeric_host(host, "-n")
         return NotifyTarget(value, "tcp", host=host, port=port)
     raise ConfigError("-n", f"{value!r}: use unix:/PATH, /PATH, tcp:HOST:PORT or tcp:%%CC_SELF%%:PORT")
 

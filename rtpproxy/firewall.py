@@ -32,29 +32,30 @@ class MediaFirewall:
         self._last_pass = 0.0
 
     # ---- lifecycle --------------------------------------------------------
+    def _jumps(self) -> Optional[list[int]]:
+        """Handles of our jump rules in the admin's chain ([] standalone; None: no such table)."""
+        if not self.layout.admin_chain:
+            return []
+        fam, table, _ = self.layout.admin_chain
+        listing = self.nft.list_table(fam, table)
+        return None if listing is None else nftmgr.jump_handles(listing, self.layout)
+
     def setup(self) -> None:
         """Remove what a previous instance left, then load the skeleton (one transaction)."""
-        handles: list[int] = []
-        if self.layout.admin_chain:
+        handles = self._jumps()
+        if handles is None:
             fam, table, _ = self.layout.admin_chain
-            listing = self.nft.list_table(fam, table)
-            if listing is None:
-                raise NftError(f"--nft-chain: table {fam} {table} does not exist; create it or use the "
-                               "standalone table (no --nft-chain)")
-            handles = nftmgr.jump_handles(listing, self.layout)
+            raise NftError(f"--nft-chain: table {fam} {table} does not exist; create it or use the "
+                           "standalone table (no --nft-chain)")
         self.nft.text(nftmgr.setup_text(self.layout, handles))
         self._open.clear()
         log.info("nft: %s %s ready (elements expire after %ds)", self.layout.family, self.layout.table_name,
                  self.layout.element_timeout)
 
     def teardown(self) -> None:
-        handles: list[int] = []
-        if self.layout.admin_chain:
-            fam, table, _ = self.layout.admin_chain
-            listing = self.nft.list_table(fam, table)
-            if listing is None:
-                return
-            handles = nftmgr.jump_handles(listing, self.layout)
+        handles = self._jumps()
+        if handles is None:
+            return                           # the admin's table is gone, and ours with it
         self.nft.text(nftmgr.removal_text(self.layout, handles))
         self._open.clear()
 

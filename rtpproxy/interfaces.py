@@ -13,22 +13,10 @@ from __future__ import annotations
 import ipaddress
 from typing import Optional, Sequence
 
-from rtpproxy.config import Bind
+from rtpproxy.config import Bind, numeric_host
 from rtpproxy.errors import ConfigError
 
 INTERNAL, EXTERNAL = "internal", "external"
-
-
-def _ip(value: str, flag: str, version: Optional[int]) -> str:
-    if value in ("*", ""):
-        return "::" if version == 6 else "0.0.0.0"
-    try:
-        ip = ipaddress.ip_address(value.strip("[]"))
-    except ValueError:
-        raise ConfigError(flag, f"{value!r} is not a numeric IP address") from None
-    if version and ip.version != version:
-        raise ConfigError(flag, f"{value!r} is not an IPv{version} address")
-    return str(ip)
 
 
 def _is_ip(value: str) -> bool:
@@ -46,13 +34,13 @@ def parse_one(value: str, flag: str, version: int, advertised: Optional[str] = N
         addr, _, adv = rest.partition("=")
         if not label:
             raise ConfigError(flag, f"{value!r}: LABEL@ADDR needs a label")
-        return [Bind(_ip(addr, flag, None), _ip(adv, "-A", None) if adv else None, label)]
+        return [Bind(numeric_host(addr, flag, None), numeric_host(adv, "-A", None) if adv else None, label)]
     left, slash, right = value.partition("/")
     if slash and not _is_ip(left):
         addr, _, adv = right.partition("!")
         if not left.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(flag, f"{value!r}: interface names are letters, digits, - and _")
-        return [Bind(_ip(addr, flag, None), _ip(adv, "-A", None) if adv else None, left)]
+        return [Bind(numeric_host(addr, flag, None), numeric_host(adv, "-A", None) if adv else None, left)]
     hosts = value.split("/")
     advs = advertised.split("/") if advertised else []
     if len(hosts) > 2 or len(advs) > len(hosts):
@@ -62,7 +50,7 @@ def parse_one(value: str, flag: str, version: int, advertised: Optional[str] = N
     for i, h in enumerate(hosts):
         addr, _, adv = h.partition("!")
         adv = adv or (advs[i] if i < len(advs) else "")
-        out.append(Bind(_ip(addr, flag, version), _ip(adv, "-A", None) if adv else None, names[i]))
+        out.append(Bind(numeric_host(addr, flag, version), numeric_host(adv, "-A", None) if adv else None, names[i]))
     return out
 
 
