@@ -363,7 +363,8 @@ static void handle_readable(struct rp_worker *w, uint32_t id, int64_t now)
             }
             if (event_allowed(e, s, now))
                 push_event(w, latched ? RP_EV_MISMATCH : RP_EV_UNLATCHED, id, &cfg, src, rtp_valid, ssrc, seq, now);
-            if (cfg.on_mismatch != RP_MISMATCH_FORWARD) {
+            if (cfg.on_mismatch != RP_MISMATCH_FORWARD ||
+                (cfg.forward_until_ns && now >= cfg.forward_until_ns)) {
                 dropped++;
                 continue;
             }

@@ -14,7 +14,7 @@
  *    by tests/test_abi.py with ffi.sizeof/offsetof).
  */
 
-#define RP_ABI_VERSION 2
+#define RP_ABI_VERSION 3
 
 /* An endpoint. family is 0 (none), 2 (AF_INET) or 10 (AF_INET6); port in host
  * byte order; ip holds 4 (IPv4) or 16 (IPv6) bytes in network order. */
@@ -50,6 +50,8 @@ struct rp_stream {
     uint8_t relatch_packets;    /* >0: raise RP_EV_CANDIDATE after this many consecutive packets
                                    (one SSRC, sequence numbers +1 each) from one other source */
     uint8_t reserved[3];
+    int64_t forward_until_ns;   /* with RP_MISMATCH_FORWARD: forward only until this CLOCK_MONOTONIC
+                                   time, then drop (the update window closes without a call); 0 = always */
 };
 
 /* Per-stream counters, written only by the stream's worker, read by Python

@@ -35,6 +35,7 @@ class StreamConfig:
     is_rtp: bool = True
     lock_ssrc: Optional[int] = None        # also require this SSRC from the latched source
     relatch_packets: int = 0               # >0: report a source after this many consecutive packets
+    forward_until_ns: int = 0              # FORWARD only until this monotonic time, then DROP (0: always)
 
 
 @dataclass

@@ -153,6 +153,7 @@ class EngineView:
     match: int
     lock_ssrc: Optional[int] = None
     relatch_packets: int = 0
+    forward_until: float = 0.0             # monotonic seconds: the engine stops forwarding then by itself
 
 
 def engine_view(st: LatchState, now: float, policy: Policy) -> EngineView:
@@ -171,4 +172,4 @@ def engine_view(st: LatchState, now: float, policy: Policy) -> EngineView:
         return EngineView(None, MISMATCH_FORWARD, MATCH_ADDR)
     forward = st.mode is Mode.DYNAMIC and st.in_window(now) and not st.confirmed
     return EngineView(st.remote, MISMATCH_FORWARD if forward else MISMATCH_DROP, MATCH_ADDR, lock,
-                      policy.relatch_packets if st.is_rtp else 0)
+                      policy.relatch_packets if st.is_rtp else 0, st.window_until if forward else 0.0)

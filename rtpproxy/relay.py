@@ -117,6 +117,7 @@ class CEngine:
         s.on_mismatch, s.match, s.is_rtp = cfg.on_mismatch, cfg.match, int(cfg.is_rtp)
         s.ssrc_locked, s.lock_ssrc = int(cfg.lock_ssrc is not None), (cfg.lock_ssrc or 0) & 0xFFFFFFFF
         s.relatch_packets = min(max(cfg.relatch_packets, 0), 255)
+        s.forward_until_ns = cfg.forward_until_ns
         self._addr(s.latched, cfg.latched)
         self._addr(s.dst, cfg.dst)
         _check(self._lib.rp_stream_set(self._eng, stream_id, s), f"stream {stream_id} set")

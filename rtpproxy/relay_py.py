@@ -194,7 +194,7 @@ class PyEngine:
                         self._event(EV_CANDIDATE, sid, slot, src, rtp_valid, ssrc, seq, now)
                 if self._event_allowed(slot, now):
                     self._event(EV_MISMATCH if latched else EV_UNLATCHED, sid, slot, src, rtp_valid, ssrc, seq, now)
-                if cfg.on_mismatch != MISMATCH_FORWARD:
+                if cfg.on_mismatch != MISMATCH_FORWARD or (cfg.forward_until_ns and now >= cfg.forward_until_ns):
                     c.dropped += 1
                     continue
             c.last_rx_ns = now

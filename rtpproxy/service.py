@@ -65,7 +65,6 @@ class MediaService:
         self._pushed: dict[int, StreamConfig] = {}
         self._gen = 0
         self._refused_logged: dict[int, float] = {}
-        self._window_due: dict[int, tuple[float, Session]] = {}   # id(session) -> (window end, session)
         self._ssrc_pending: dict[int, Session] = {}               # SSRC-locked sessions yet to see RTP
         self._deadlines: list[tuple[float, int, int, Session]] = []   # (when to look again, order, gen, session)
         self._order = itertools.count()
@@ -120,7 +119,6 @@ class MediaService:
         side.rtp = latch.signal(side.rtp, addr, now, asymmetric, self.policy, m, ssrc_lock)
         side.rtcp = latch.signal(side.rtcp, rtcp_addr, now, asymmetric, self.policy, m, ssrc_lock)
         side.onhold = addr is None
-        self._window_due[id(s)] = (now + self.policy.window, s)
         if side.rtp.ssrc_lock and side.rtp.latched and not side.rtp.ssrc:
             self._ssrc_pending[id(s)] = s
 
@@ -159,7 +157,6 @@ class MediaService:
                 fam = socket.AF_INET6 if ":" in side.local_host else socket.AF_INET
                 self._release(side.pair, fam)
                 side.pair = None
-        self._window_due.pop(id(s), None)
         self._ssrc_pending.pop(id(s), None)
         self.stats.session_ended(self.clock() - s.created, rtp_dirs, rtcp_dirs)
         if reason == "timed out":
@@ -187,7 +184,8 @@ class MediaService:
                 cfg = StreamConfig(fd=own.fileno(), out_fd=out.fileno() if out else -1, latched=view.latched,
                                    dst=other_st.remote if out else None, gen=s.gen,
                                    on_mismatch=view.on_mismatch, match=view.match, is_rtp=st.is_rtp,
-                                   lock_ssrc=view.lock_ssrc, relatch_packets=view.relatch_packets)
+                                   lock_ssrc=view.lock_ssrc, relatch_packets=view.relatch_packets,
+                                   forward_until_ns=int(view.forward_until * 1e9))
                 if self._pushed.get(sid) != cfg:
                     self.engine.stream_set(sid, cfg)
                     self._pushed[sid] = cfg
@@ -245,7 +243,8 @@ class MediaService:
 
     # ---- timers -------------------------------------------------------------
     def tick(self) -> None:
-        """Once a second: time out idle sessions, close the learning windows that ended."""
+        """Once a second: time out idle sessions. (Update windows close in the engine by themselves:
+        entries carry their deadline, so the end of a window costs no call.)"""
         now = self.clock()
         # Only sessions whose deadline has come are looked at: media keeps pushing a live
         # session's deadline out, so a busy relay checks each session about once per TTL.
@@ -260,10 +259,6 @@ class MediaService:
             if s.notify and self.on_timeout:
                 self.on_timeout(s)
             self.destroy(s, "timed out")
-        for key, (due, s) in list(self._window_due.items()):
-            if due <= now:
-                del self._window_due[key]
-                self.push(s)
         if self.firewall is not None:
             self.firewall.refresh()
         self._lock_known_ssrcs()

@@ -10,14 +10,15 @@ pytestmark = pytest.mark.skipif(c_engine_available() is not None, reason="C engi
 
 def test_abi_version_matches():
     from rtpproxy import _relay
-    assert _relay.lib.rp_abi_version() == _relay.lib.RP_ABI_VERSION == 2
+    assert _relay.lib.rp_abi_version() == _relay.lib.RP_ABI_VERSION == 3
 
 
 def test_layouts():
     """Any change here must bump RP_ABI_VERSION in relay.h."""
     from rtpproxy._relay import ffi
     assert ffi.sizeof("struct rp_addr") == 20
-    assert ffi.sizeof("struct rp_stream") == 64
+    assert ffi.sizeof("struct rp_stream") == 72
+    assert ffi.offsetof("struct rp_stream", "forward_until_ns") == 64
     assert ffi.offsetof("struct rp_stream", "lock_ssrc") == 56
     assert ffi.offsetof("struct rp_stream", "relatch_packets") == 60
     assert ffi.offsetof("struct rp_stream", "latched") == 8

@@ -273,3 +273,20 @@ def test_events_keep_waking_the_loop_after_a_storm(rig):
     senders[0].sendto(rtp_packet(2), last_in.getsockname())
     rig.run(0.3)
     assert [(e.kind, e.stream_id) for e in rig.events] == [(EV_UNLATCHED, 60)]
+
+
+def test_forward_window_closes_by_itself(rig):
+    """A latched stream forwards other sources until its deadline, then drops them, with no call."""
+    relay_in, relay_out, caller, callee, other = (rig.sock() for _ in range(5))
+    until = time.monotonic_ns() + 300_000_000
+    rig.engine.stream_set(61, StreamConfig(relay_in.fileno(), relay_out.fileno(), latched=caller.getsockname(),
+                                           dst=callee.getsockname(), on_mismatch=MISMATCH_FORWARD,
+                                           forward_until_ns=until))
+    other.sendto(rtp_packet(1), relay_in.getsockname())
+    rig.run(0.1)
+    assert len(rig.recv_all(callee)) == 1                  # inside the window: forwarded
+    rig.run(0.4)
+    other.sendto(rtp_packet(2), relay_in.getsockname())
+    rig.run(0.1)
+    assert rig.recv_all(callee) == []                      # after it: dropped
+    assert rig.engine.counters(61).dropped == 1

@@ -165,3 +165,5 @@ def test_per_call_mode_overrides_the_policy():
 def test_engine_view(st, now, expected):
     v = latch.engine_view(st, now, P)
     assert (v.latched, v.on_mismatch, v.match, v.lock_ssrc, v.relatch_packets) == expected
+    # a forwarding window carries its own end, so the engine closes it without being told
+    assert v.forward_until == (st.window_until if v.on_mismatch == MISMATCH_FORWARD and st.latched else 0.0)
