@@ -17,6 +17,7 @@ G_NAMES = (
 
 # Our extension of G (not rtpproxy names): the nftables sets against the session table.
 NFT_G_NAMES = ("nft_open", "nft_failures", "nft_live", "nft_missing", "nft_stale")
+EXTRA_G_NAMES = ("latch_refused",)
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Stats:
     ncmds_succd: int = 0
     ncmds_errs: int = 0
     ncmds_repld: int = 0
-    refused: int = 0                 # latching refusals (not a G name; shown by I)
+    refused: int = 0                 # sources the latching policy refused (G latch_refused, our extension)
     # packet totals of streams already destroyed; live streams are added on demand
     done_rcvd: int = 0
     done_relayed: int = 0
@@ -62,4 +63,5 @@ class Stats:
         out["npkts_relayed"] = self.done_relayed + sum(c.relayed for c in live)
         out["npkts_discard"] = self.done_discard + sum(c.dropped for c in live)
         out["pps_in"] = pps_in
+        out["latch_refused"] = self.refused
         return out

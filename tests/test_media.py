@@ -109,6 +109,7 @@ def test_latched_stream_refuses_other_sources_after_the_window(make_relay, backe
     stream(b, p0, 3, ssrc=0x5555, start=3)
     assert len(a.drain()) == 3 and attacker.drain(0.1) == []
     assert f"refused media from 127.0.0.1:{attacker.port}" in relay.log()
+    assert int(relay.cmd("G latch_refused")) >= 1
     q = relay.cmd("Q call1 ft;1 tt").split()
     assert int(q[4]) >= 10                             # the attacker's packets were dropped and counted
 

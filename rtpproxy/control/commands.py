@@ -19,7 +19,7 @@ from rtpproxy.engine_api import Address
 from rtpproxy.errors import NftError, PortsExhausted, ProtocolError
 from rtpproxy.service import MediaService
 from rtpproxy.sessions import Session
-from rtpproxy.stats import G_NAMES, NFT_G_NAMES
+from rtpproxy.stats import EXTRA_G_NAMES, G_NAMES, NFT_G_NAMES
 
 log = logging.getLogger("rtpproxy.control")
 
@@ -120,7 +120,7 @@ class Commands:
     def _cmd_G(self, req, ctx) -> str:
         verbose = self._verbose(req.modifiers, rtpp.E_PARSE_G)
         names = req.args
-        unknown = [n for n in names if n not in G_NAMES and n not in NFT_G_NAMES]
+        unknown = [n for n in names if n not in G_NAMES and n not in NFT_G_NAMES and n not in EXTRA_G_NAMES]
         if unknown:
             raise ProtocolError(rtpp.E_STATS, f"unknown counter {unknown[0]!r}")
         if not names:
