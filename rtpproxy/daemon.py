@@ -35,7 +35,33 @@ def _sd_notify(message: str) -> None:
             log.warning("sd_notify failed: %s", exc)
 
 
-def drop_privileges(user: str, group: Optional[str]) -> None:
+CAP_NET_ADMIN = 12
+PR_SET_KEEPCAPS = 8
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _keep_only_net_admin() -> None:
+    """After setuid: make CAP_NET_ADMIN (kept by PR_SET_KEEPCAPS) the one effective capability, so
+    nftables can still be updated as the unprivileged user."""
+    import ctypes  # noqa: PLC0415
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    header = Header(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (Data * 2)()
+    data[0].effective = data[0].permitted = 1 << CAP_NET_ADMIN
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset(CAP_NET_ADMIN) after dropping privileges")
+
+
+def drop_privileges(user: str, group: Optional[str], keep_net_admin: bool = False) -> None:
+    import ctypes
     import grp
     import pwd
 
@@ -49,9 +75,13 @@ def drop_privileges(user: str, group: Optional[str]) -> None:
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise ConfigError("-u", f"no such group {group!r}") from None
+    if keep_net_admin:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0)
     os.setgroups([gid])
     os.setgid(gid)
     os.setuid(pw.pw_uid)
+    if keep_net_admin:
+        _keep_only_net_admin()
 
 
 class Daemon:
@@ -117,7 +147,7 @@ class Daemon:
                     f.write(f"{os.getpid()}\n")
                 pid_written = True
             if cfg.user:
-                drop_privileges(cfg.user, cfg.group)
+                drop_privileges(cfg.user, cfg.group, keep_net_admin=firewall is not None)
             log.info("ready: %s engine (%d worker%s), control %s, media %s, ports %d-%d",
                      engine.name, getattr(engine, "workers", 1), "s" if getattr(engine, "workers", 1) > 1 else "",
                      ", ".join(str(c) for c in cfg.control),

@@ -3,6 +3,7 @@ namespace over veth. Ports open exactly while their call lives; crash leftovers 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -230,3 +231,31 @@ def test_range_drop_spares_ports_the_kernel_may_use_as_ephemeral(tmp_path):
     finally:
         relay_ns.delete()
         peer_ns.delete()
+
+
+def test_u_keeps_exactly_cap_net_admin_for_nft(hosts, tmp_path):
+    """-u drops root; the daemon keeps CAP_NET_ADMIN alone, so calls still open their ports."""
+    relay_ns, _ = hosts
+    os.chmod(tmp_path, 0o777)                                  # the control socket is created before the drop
+    relay = NsRelay(relay_ns, tmp_path, "--nft", "-u", "nobody").start()
+    try:
+        status = wait_for(lambda: _status(relay.proc.pid), timeout=5)
+        caps = [line for line in status.splitlines() if line.startswith(("Uid:", "CapEff:"))]
+        assert caps[0].split()[1] != "0" and caps[1].split()[1] == f"{1 << 12:016x}", caps
+        assert relay.cmd(f"U capcall {PEER_IP} 5000 ft;1").split()[0] == str(LO)
+        assert [e["comment"] for e in elements(relay_ns)] == ["capcall", "capcall"]
+        assert relay.cmd("D capcall ft") == "0"
+        assert elements(relay_ns) == []
+        assert "cannot open" not in (tmp_path / "relay.log").read_text()
+    finally:
+        relay.stop()
+
+
+def _status(pid: int) -> str:
+    """/proc status of the daemon (the python child of `ip netns exec`) once it is no longer root."""
+    for child in [pid, *(int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split())]:
+        text = open(f"/proc/{child}/status").read()
+        uid = next(line for line in text.splitlines() if line.startswith("Uid:")).split()[1]
+        if "python" in open(f"/proc/{child}/comm").read() and uid != "0":
+            return text
+    return ""
