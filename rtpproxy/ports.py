@@ -116,9 +116,14 @@ def _media_socket(family: int, host: str, port: int, tos: int) -> socket.socket:
     return s
 
 
+def family_of(host: str) -> int:
+    """The address family of a numeric host."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def bind_pair(pool: PortPool, host: str, now: float, tos: int = DEFAULT_TOS) -> PortPair:
     """Bind RTP on an even port and RTCP on the next one, trying further ports when taken."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = family_of(host)
     for _ in range(pool.size):
         port = pool.take(now)
         if port is None:

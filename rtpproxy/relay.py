@@ -12,6 +12,7 @@ from typing import Optional
 
 from rtpproxy.engine_api import Address, Counters, Engine, Event, EventSink, StreamConfig, WorkerStats
 from rtpproxy.errors import ConfigError, EngineError
+from rtpproxy.ports import family_of
 
 log = logging.getLogger("rtpproxy.relay")
 
@@ -70,7 +71,7 @@ class CEngine:
             dst.family = 0
             return
         host, port = a
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        fam = family_of(host)
         packed = socket.inet_pton(fam, host)
         dst.family = fam
         dst.port = port

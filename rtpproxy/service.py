@@ -29,7 +29,7 @@ from rtpproxy.engine_api import (
     StreamConfig,
 )
 from rtpproxy.errors import NftError
-from rtpproxy.ports import PortPool, bind_pair
+from rtpproxy.ports import PortPool, bind_pair, family_of
 from rtpproxy.sessions import Session, SessionTable, Side, remaining_ttl
 from rtpproxy.stats import Stats
 
@@ -73,15 +73,14 @@ class MediaService:
     def open_side(self, s: Session, idx: int, bind: Bind) -> None:
         """Give side idx of s a local RTP/RTCP pair on bind (raises PortsExhausted)."""
         side = s.sides[idx]
-        fam = socket.AF_INET6 if ":" in bind.host else socket.AF_INET
-        pair = bind_pair(self.pools[fam], bind.host, self.clock(), self.cfg.tos)
+        pair = bind_pair(self.pools[family_of(bind.host)], bind.host, self.clock(), self.cfg.tos)
         if self.firewall is not None:
             try:
                 self.firewall.open(s.call_id, _sockets(bind.host, pair.port))   # before the reply leaves
             except NftError:
-                self._release(pair, fam)
+                self._release(pair, bind.host)
                 raise
-        old = side.pair
+        old, old_host = side.pair, side.local_host
         side.pair, side.local_host, side.advertised = pair, bind.host, bind.shown
         if side.rtp_id is None:
             side.rtp_id, side.rtcp_id = self._free_ids.pop(), self._free_ids.pop()
@@ -89,12 +88,13 @@ class MediaService:
             self._streams[side.rtcp_id] = StreamRef(s, idx, True)
         if old is not None:
             self.push(s)                 # the engine lets go of the old fds before they are closed
-            if self.firewall is not None:
-                self.firewall.close(_sockets(bind.host, old.port))
-            self._release(old, fam)
+            self._release(old, old_host)  # where the old pair was bound, which `N` may have changed
 
-    def _release(self, pair, fam: int) -> None:
-        self.pools[fam].release(pair.port, self.clock())
+    def _release(self, pair, host: str) -> None:
+        """Give a pair back: its firewall holes (if opened), its port (quarantined), its sockets."""
+        if self.firewall is not None:
+            self.firewall.close(_sockets(host, pair.port))
+        self.pools[family_of(host)].release(pair.port, self.clock())
         pair.close()
 
     # ---- sessions ---------------------------------------------------------
@@ -152,10 +152,7 @@ class MediaService:
                 self._refused_logged.pop(sid, None)
                 self._free_ids.append(sid)
             if side.pair is not None:
-                if self.firewall is not None:
-                    self.firewall.close(_sockets(side.local_host, side.pair.port))
-                fam = socket.AF_INET6 if ":" in side.local_host else socket.AF_INET
-                self._release(side.pair, fam)
+                self._release(side.pair, side.local_host)
                 side.pair = None
         self._ssrc_pending.pop(id(s), None)
         self.stats.session_ended(self.clock() - s.created, rtp_dirs, rtcp_dirs)

@@ -259,3 +259,20 @@ def _status(pid: int) -> str:
         if "python" in open(f"/proc/{child}/comm").read() and uid != "0":
             return text
     return ""
+
+
+def test_new_port_on_another_interface_closes_the_old_holes(hosts, tmp_path):
+    """`Un` with `L{label}` moves a side to another address: the old pair's elements must go,
+    keyed by the address the old pair was bound to."""
+    relay_ns, _ = hosts
+    relay_ns.run("ip", "addr", "add", "10.77.0.3/32", "dev", "lo")          # a second local address
+    relay = NsRelay(relay_ns, tmp_path, "--nft", "-l", "lab@10.77.0.3").start()
+    try:
+        first = relay.cmd(f"U move-1 {PEER_IP} 5000 ft;1").split()
+        assert first[1] == RELAY_IP
+        moved = relay.cmd(f"UnL{{lab}} move-1 {PEER_IP} 5000 ft;1").split()
+        assert moved[1] == "10.77.0.3"
+        assert sorted((e["val"]["concat"][0], e["val"]["concat"][1]) for e in elements(relay_ns)) == \
+            [("10.77.0.3", int(moved[0])), ("10.77.0.3", int(moved[0]) + 1)]
+    finally:
+        relay.stop()
