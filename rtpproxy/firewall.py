@@ -89,6 +89,19 @@ class MediaFirewall:
             log.error("[%s] nft: cannot close %s (they expire within %ds): %s", call_id,
                       ", ".join(f"{h}:{p}" for h, p in keys), self.layout.element_timeout, exc)
 
+    def close_all(self) -> None:
+        """Close every open media socket in one transaction (X, shutdown)."""
+        if not self._open:
+            return
+        count = len(self._open)
+        self._open.clear()
+        try:
+            self.nft.json(nftmgr.flush_commands(self.layout))
+        except NftError as exc:
+            self.failures += 1
+            log.error("nft: cannot close %d media sockets (they expire within %ds): %s", count,
+                      self.layout.element_timeout, exc)
+
     def refresh(self) -> int:
         """Re-add (which restarts the timeout) every element refreshed more than a third of the
         timeout ago. Called once a second; returns how many were refreshed."""

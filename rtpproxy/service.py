@@ -161,6 +161,8 @@ class MediaService:
         log.info("[%s] %s, tag %s; %s", s.call_id, reason, s.from_tag, summary)
 
     def destroy_all(self, reason: str) -> int:
+        if self.firewall is not None:
+            self.firewall.close_all()        # one flush; the per-session closes then have nothing left
         doomed = list(self.sessions)
         for s in doomed:
             self.destroy(s, reason)
