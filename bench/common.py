@@ -41,7 +41,7 @@ class OurRelay:
 
     def __init__(self, backend: str = "c", workers: int = 1, cpus: str = "1", extra: tuple[str, ...] = ()):
         self.port = free_udp_port()
-        self.args = ["taskset", "-c", cpus, sys.executable, "-m", "rtpproxy", "run", "-F", "--no-nft", "-d", "WARN",
+        self.args = ["taskset", "-c", cpus, sys.executable, "-m", "rtpproxy", "run", "-F", "--no-nft", "--table", "-1", "-d", "WARN",
                      "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{self.port}", "-m", "20000", "-M", "29999",
                      "--backend", backend, "--workers", str(workers), *extra]
         self.proc: subprocess.Popen | None = None

@@ -19,6 +19,7 @@ import typer
 from rtpproxy import __version__
 from rtpproxy.config import (
     DEFAULT_CONTROL,
+    DEFAULT_TABLES_DIR,
     Config,
     check,
     conf_to_argv,
@@ -46,7 +47,8 @@ def build_config(listen, listen6, advertised, control, min_port, max_port, ttl, 
                  notify, pidfile, user, force_root, foreground, debug, nofile, sequential, tos,
                  backend, workers, update_window=10.0, nft=True, nft_table="rtpproxy", nft_chain=None,
                  nft_required=False, nft_range_policy="drop", latching="dynamic", relatch_packets=3,
-                 relatch_silence=0.2, ssrc_lock=False, peers=(), strict_checks=False) -> Config:
+                 relatch_silence=0.2, ssrc_lock=False, peers=(), strict_checks=False, table=0,
+                 tables_dir=DEFAULT_TABLES_DIR) -> Config:
     cfg = Config()
     cfg.interfaces = parse_all(listen or [], "-l", 4, advertised) + \
         parse_all(listen6 or [], "-6", 6, None if listen else advertised)
@@ -91,6 +93,7 @@ def build_config(listen, listen6, advertised, control, min_port, max_port, ttl, 
     except ValueError as exc:
         raise ConfigError("--peer", str(exc)) from None
     cfg.strict_checks = strict_checks
+    cfg.table, cfg.tables_dir = table, tables_dir
     cfg.backend = backend
     cfg.workers = workers
     check(cfg)
@@ -175,6 +178,8 @@ def run(
     nft_chain: Optional[str] = typer.Option(None, "--nft-chain", help="inet:TABLE:CHAIN of your own ruleset to hook into instead of a standalone table (e.g. inet:filter:input)."),
     nft_required: bool = typer.Option(False, "--nft-required", help="Refuse a call (E72/E71) when its ports cannot be opened in nftables."),
     nft_range_policy: str = typer.Option("drop", "--nft-range-policy", help="drop: drop media-range packets outside live calls; none: leave them to your rules."),
+    table: int = typer.Option(0, "--table", help="Forwarding table this daemon owns, shown as files under --tables-dir; -1: no table files."),
+    tables_dir: str = typer.Option(DEFAULT_TABLES_DIR, "--tables-dir", help="Where the table files are mounted (FUSE; needs CAP_SYS_ADMIN to mount)."),
     legacy: bool = typer.Option(False, "--legacy-invocation", hidden=True),
     config: Optional[str] = typer.Option(None, "--config", help="Options file (/etc/rtpproxy/rtpproxy.conf): `option = value` lines, the long flag names; read in place of this flag."),
 ) -> None:
@@ -185,7 +190,7 @@ def run(
                            independent_ttl, notify, pidfile, user, force_root, foreground or not legacy,
                            debug, nofile, sequential, tos, backend, workers, update_window, nft, nft_table,
                            nft_chain, nft_required, nft_range_policy, latching, relatch_packets, relatch_silence,
-                           ssrc_lock, peer, strict_checks)
+                           ssrc_lock, peer, strict_checks, table, tables_dir)
         setup_logging(cfg)
         if cfg.nofile:
             try:
@@ -259,8 +264,10 @@ def version() -> None:
 def _add_subapps() -> None:
     from rtpproxy.doctorcli import doctor  # noqa: PLC0415
     from rtpproxy.nftcli import app as nft_app  # noqa: PLC0415
+    from rtpproxy.tablescli import app as tables_app  # noqa: PLC0415
 
     app.add_typer(nft_app, name="nft")
+    app.add_typer(tables_app, name="tables")
     app.command()(doctor)
 
 

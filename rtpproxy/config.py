@@ -8,9 +8,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from rtpproxy.errors import ConfigError
+from rtpproxy.tablefmt import MAX_TABLE
 
 DEFAULT_CONTROL = "unix:/var/run/rtpproxy.sock"
 DEFAULT_UDP_PORT = 22222
+DEFAULT_TABLES_DIR = "/run/rtpproxy/tables"
+MANUAL_ENTRIES = 256          # engine slots for entries written to the table files (tables.py)
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ class Config:
     nft_range_policy: str = "drop"                        # drop | none
     peers: list[str] = field(default_factory=list)       # --peer networks for the route checks
     strict_checks: bool = False
+    table: int = 0                                        # forwarding table owned (table files); -1: none
+    tables_dir: str = DEFAULT_TABLES_DIR
     backend: str = "auto"
     workers: int = 0                                      # 0: one per core
 
@@ -130,8 +135,9 @@ class Config:
 
     @property
     def max_streams(self) -> int:
-        """Engine stream slots: at most one media socket per port and bind address."""
-        return (self.max_port - self.min_port + 2) * max(1, len(self.interfaces))
+        """Engine stream slots: at most one media socket per port and bind address, plus room
+        for the table files' manual entries."""
+        return (self.max_port - self.min_port + 2) * max(1, len(self.interfaces)) + MANUAL_ENTRIES
 
 
 def numeric_host(value: str, flag: str, version: Optional[int] = None) -> str:
@@ -230,6 +236,10 @@ def check(cfg: Config) -> None:
         raise ConfigError("--relatch-silence", "must be 0..60 seconds")
     if not 0 <= cfg.update_window <= 300:
         raise ConfigError("--update-window", "must be 0..300 seconds")
+    if not -1 <= cfg.table <= MAX_TABLE:
+        raise ConfigError("--table", f"{cfg.table}: use 0..{MAX_TABLE}, or -1 for no table files")
+    if not os.path.isabs(cfg.tables_dir):
+        raise ConfigError("--tables-dir", f"{cfg.tables_dir!r}: give an absolute path")
     if cfg.nft_range_policy not in ("drop", "none"):
         raise ConfigError("--nft-range-policy", "use drop (default) or none")
     if not cfg.nft_table.replace("_", "").replace("-", "").isalnum():

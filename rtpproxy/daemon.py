@@ -40,9 +40,10 @@ PR_SET_KEEPCAPS = 8
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
-def _keep_only_net_admin() -> None:
-    """After setuid: make CAP_NET_ADMIN (kept by PR_SET_KEEPCAPS) the one effective capability, so
-    nftables can still be updated as the unprivileged user."""
+def limit_capabilities(keep_net_admin: bool) -> None:
+    """Keep CAP_NET_ADMIN (so nftables can still be updated as the unprivileged user) or nothing.
+    After setuid with PR_SET_KEEPCAPS, or as a systemd User= service started with ambient
+    capabilities: CAP_SYS_ADMIN was only needed to mount the table files."""
     import ctypes  # noqa: PLC0415
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -55,9 +56,17 @@ def _keep_only_net_admin() -> None:
 
     header = Header(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (Data * 2)()
-    data[0].effective = data[0].permitted = 1 << CAP_NET_ADMIN
+    data[0].effective = data[0].permitted = (1 << CAP_NET_ADMIN) if keep_net_admin else 0
     if libc.capset(ctypes.byref(header), data) != 0:
-        raise OSError(ctypes.get_errno(), "capset(CAP_NET_ADMIN) after dropping privileges")
+        raise OSError(ctypes.get_errno(), "capset: limiting capabilities after start-up")
+
+
+def _has_capabilities() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            return any(line.startswith("CapEff:") and int(line.split()[1], 16) for line in f)
+    except OSError:
+        return False
 
 
 def drop_privileges(user: str, group: Optional[str], keep_net_admin: bool = False) -> None:
@@ -81,7 +90,7 @@ def drop_privileges(user: str, group: Optional[str], keep_net_admin: bool = Fals
     os.setgid(gid)
     os.setuid(pw.pw_uid)
     if keep_net_admin:
-        _keep_only_net_admin()
+        limit_capabilities(True)
 
 
 class Daemon:
@@ -117,6 +126,7 @@ class Daemon:
         udp: list[UdpControl] = []
         streams: list[StreamControl] = []
         ticker: Optional[asyncio.Task] = None
+        tables = table_mount = None
         pid_written = False
         try:
             if cfg.nft:
@@ -142,12 +152,16 @@ class Daemon:
                 loop.add_signal_handler(sig, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self._drain)
             ticker = loop.create_task(self._tick(svc))
+            if cfg.table >= 0:
+                tables, table_mount = self._table_files(svc, loop)
             if cfg.pidfile:
                 with open(cfg.pidfile, "w") as f:
                     f.write(f"{os.getpid()}\n")
                 pid_written = True
             if cfg.user:
                 drop_privileges(cfg.user, cfg.group, keep_net_admin=firewall is not None)
+            elif os.getuid() != 0 and _has_capabilities():
+                limit_capabilities(firewall is not None)     # a User= service: drop what start-up needed
             log.info("ready: %s engine (%d worker%s), control %s, media %s, ports %d-%d",
                      engine.name, getattr(engine, "workers", 1), "s" if getattr(engine, "workers", 1) > 1 else "",
                      ", ".join(str(c) for c in cfg.control),
@@ -170,6 +184,10 @@ class Daemon:
                 u.close()
             for sc in streams:
                 await sc.close()
+            if table_mount is not None:
+                await loop.run_in_executor(None, table_mount.stop)   # file operations still run meanwhile
+            if tables is not None:
+                tables.close()
             svc.destroy_all("shut down")
             engine.close()
             if firewall is not None:
@@ -183,6 +201,27 @@ class Daemon:
                     os.unlink(cfg.pidfile)
                 except OSError as exc:
                     log.warning("cannot remove pidfile %s: %s", cfg.pidfile, exc)
+
+    def _table_files(self, svc: MediaService, loop):
+        """Own table --table and serve its files; without FUSE, say why once and run on."""
+        from rtpproxy.tablectl import TableMount, TableUnavailable  # noqa: PLC0415
+        from rtpproxy.tablefmt import TableError  # noqa: PLC0415
+        from rtpproxy.tables import Tables, claim  # noqa: PLC0415
+
+        cfg = self.cfg
+        try:
+            lock = claim(cfg.table)
+        except TableError as exc:
+            raise ConfigError("--table", f"{exc}: choose another with --table N, or --table -1 for none") from None
+        tables = Tables(cfg.table, svc, kernel_state=lambda: "off (not enabled)", lock=lock)
+        mount = TableMount(tables, loop, cfg.tables_dir)
+        try:
+            mount.mount()
+        except TableUnavailable as exc:
+            log.warning("table files off: %s", exc)
+            return tables, None
+        log.info("table %d: files at %s", cfg.table, cfg.tables_dir)
+        return tables, mount
 
     def _host_checks(self, firewall) -> None:
         """rtpproxy doctor's checks at start: logged; fatal with --strict-checks."""

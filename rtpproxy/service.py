@@ -28,7 +28,7 @@ from rtpproxy.engine_api import (
     Event,
     StreamConfig,
 )
-from rtpproxy.errors import NftError
+from rtpproxy.errors import NftError, PortsExhausted
 from rtpproxy.ports import PortPool, bind_pair, family_of
 from rtpproxy.sessions import Session, SessionTable, Side, remaining_ttl
 from rtpproxy.stats import Stats
@@ -297,6 +297,22 @@ class MediaService:
 
     def active_streams(self) -> int:
         return len(self._pushed)
+
+    def engine_entries(self):
+        """(stream id, StreamRef, the StreamConfig the engine runs) of every call's live entry."""
+        for sid, ref in self._streams.items():
+            cfg = self._pushed.get(sid)
+            if cfg is not None:
+                yield sid, ref, cfg
+
+    # ---- engine ids for entries outside calls (the table files' manual entries) -------------
+    def take_stream_id(self) -> int:
+        if not self._free_ids:
+            raise PortsExhausted("no engine stream id left: the port range bounds them (-m/-M)")
+        return self._free_ids.pop()
+
+    def give_stream_id(self, sid: int) -> None:
+        self._free_ids.append(sid)
 
 
 def _sockets(host: str, port: int) -> list[tuple[str, int]]:

@@ -63,7 +63,8 @@ class Relay:
         self.min_port = free_port_range(60)
         self.max_port = self.min_port + 59
         self.unix_path = str(self.tmp / "ctl.sock")
-        self.args = ["-F", "-f", "-d", "DBUG", *([] if "--nft" in args else ["--no-nft"]), "-s", f"udp:127.0.0.1:{self.udp_port}", "-s",
+        self.args = ["-F", "-f", "-d", "DBUG", *([] if "--nft" in args else ["--no-nft"]),
+                     *([] if any(a.startswith("--table") for a in args) else ["--table", "-1"]), "-s", f"udp:127.0.0.1:{self.udp_port}", "-s",
                      f"unix:{self.unix_path}", "-m", str(self.min_port), "-M", str(self.max_port),
                      "--backend", backend, *args]
         if not any(a in ("-l", "-6") for a in args):

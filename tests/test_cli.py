@@ -54,7 +54,7 @@ def _start(tmp_path, *extra):
     port = free_port()
     sock = tmp_path / "ctl.sock"
     pid = tmp_path / "rtpproxy.pid"
-    proc = subprocess.Popen([*RTPPROXY, "run", "-F", "--no-nft", "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{port}",
+    proc = subprocess.Popen([*RTPPROXY, "run", "-F", "--no-nft", "--table", "-1", "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{port}",
                              "-s", f"unix:{sock}", "-p", str(pid), "-m", str(base), "-M", str(base + 19), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert wait_for(lambda: pid.exists() and sock.exists(), timeout=10), proc.stderr.read() if proc.poll() else ""
@@ -78,9 +78,9 @@ def test_sigterm_cleans_up_everything(tmp_path):
 def test_second_instance_on_the_same_socket_fails_clearly(tmp_path):
     proc, port, sock, pid = _start(tmp_path)
     try:
-        r = run("run", "-F", "--no-nft", "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{port}")
+        r = run("run", "-F", "--no-nft", "--table", "-1", "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{port}")
         assert r.returncode == 1 and "cannot start" in r.stderr and "in use" in r.stderr
-        r = run("run", "-F", "--no-nft", "-l", "127.0.0.1", "-s", f"unix:{sock}")
+        r = run("run", "-F", "--no-nft", "--table", "-1", "-l", "127.0.0.1", "-s", f"unix:{sock}")
         assert r.returncode == 1 and "in use by a running daemon" in r.stderr
         assert run("ctl", "-s", f"unix:{sock}", "V").stdout == "20040107\n"   # the first one is untouched
     finally:
@@ -162,7 +162,7 @@ def test_version_and_legacy_info_flags():
 def test_nft_without_cap_net_admin_names_the_capability():
     """Root minus CAP_NET_ADMIN (as a unit missing it would be): start fails and says what to add."""
     r = subprocess.run(["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin", *RTPPROXY, "run", "-F",
-                        "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{free_port()}", "--nft-table", "rptcaps"],
+                        "--table", "-1", "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{free_port()}", "--nft-table", "rptcaps"],
                        capture_output=True, text=True, timeout=20)
     assert r.returncode == 1 and "CAP_NET_ADMIN" in r.stderr and "--no-nft" in r.stderr
 

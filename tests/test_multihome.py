@@ -35,7 +35,7 @@ class Daemon:
         self.ns, self.ctl = ns, f"unix:{tmp}/ctl.sock"
         self.log_path = tmp / "relay.log"
         self.log = open(self.log_path, "wb")
-        self.proc = ns.popen([sys.executable, "-m", "rtpproxy", "run", "-F", "-d", "DBUG", "-s", self.ctl,
+        self.proc = ns.popen([sys.executable, "-m", "rtpproxy", "run", "-F", "-d", "DBUG", "--table", "-1", "-s", self.ctl,
                               "-b", "-m", "42000", "-M", "42099", *args], stdout=self.log, stderr=subprocess.STDOUT)
         assert wait_for(lambda: b"ready:" in self.log_path.read_bytes() or self.proc.poll() is not None, 15)
         assert self.proc.poll() is None, self.log_path.read_text()

@@ -41,7 +41,7 @@ class NsRelay:
     def __init__(self, ns: Netns, tmp, *args: str):
         self.ns, self.tmp = ns, tmp
         self.ctl = f"unix:{tmp}/ctl.sock"
-        self.args = ["-F", "-f", "-d", "DBUG", "-l", RELAY_IP, "-s", self.ctl, "-b", "-m", str(LO), "-M", str(HI), *args]
+        self.args = ["-F", "-f", "-d", "DBUG", "--table", "-1", "-l", RELAY_IP, "-s", self.ctl, "-b", "-m", str(LO), "-M", str(HI), *args]
         self.proc = None
 
     def start(self) -> NsRelay:

@@ -244,7 +244,7 @@ def test_info_and_stats(relay):
 
 def test_stdio_transport(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "rtpproxy", "run", "-f", "--no-nft", "-s", "stdio:", "-l", "127.0.0.1", "-m", "45000",
+        [sys.executable, "-m", "rtpproxy", "run", "-f", "--no-nft", "--table", "-1", "-s", "stdio:", "-l", "127.0.0.1", "-m", "45000",
          "-M", "45100", "--backend", "py"],
         input=b"V\nVF 20081224\nbogus\n", capture_output=True, timeout=20)
     assert proc.stdout == b"20040107\n0\nE0\n"
