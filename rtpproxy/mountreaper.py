@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import syslog
 
 MNT_DETACH = 2
 
@@ -47,7 +48,9 @@ def main() -> int:
             break
     why = unmount(path)
     if why and "not mounted" not in why and "Invalid argument" not in why:
-        print(f"rtpproxy: cannot unmount {path}: {why}", file=sys.stderr)
+        syslog.openlog("rtpproxy-mountreaper", 0, syslog.LOG_DAEMON)
+        syslog.syslog(syslog.LOG_ERR, f"cannot unmount {path}: {why}; the next start removes it, or "
+                                      "`rtpproxy tables umount`")
         return 1
     return 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
+import importlib
 import itertools
 import logging
 import os
@@ -39,20 +40,18 @@ MOUNT_TIMEOUT = 5.0
 
 def load_binding():
     """The FUSE binding module, or raise TableUnavailable saying what to install."""
-    try:
-        import mfusepy as binding  # noqa: PLC0415
-        return binding
-    except ImportError:
-        pass
-    except OSError as exc:            # the binding is there, libfuse is not
-        raise TableUnavailable(f"{exc}: install libfuse (apt-get install fuse3)") from None
-    try:
-        import fuse as binding  # noqa: PLC0415  (Debian's python3-fusepy)
-        return binding
-    except ImportError:
-        raise TableUnavailable("no FUSE binding: apt-get install python3-fusepy (or pip install mfusepy)") from None
-    except OSError as exc:
-        raise TableUnavailable(f"{exc}: install libfuse (apt-get install libfuse2)") from None
+    # mfusepy (PyPI), then Debian's python3-fusepy (module `fusepy`), then upstream fusepy (`fuse`).
+    for name in ("mfusepy", "fusepy", "fuse"):
+        try:
+            binding = importlib.import_module(name)
+        except ImportError:
+            continue
+        except OSError as exc:            # the binding is there, libfuse is not
+            raise TableUnavailable(f"{exc}: install libfuse (apt-get install fuse3, or libfuse2 "
+                                   "for python3-fusepy)") from None
+        if hasattr(binding, "FUSE") and hasattr(binding, "Operations"):
+            return binding
+    raise TableUnavailable("no FUSE binding: apt-get install python3-fusepy (or pip install mfusepy)")
 
 
 class TableUnavailable(Exception):
@@ -94,6 +93,16 @@ def clean_stale(path: str) -> bool:
     return True
 
 
+def _can_mount() -> bool:
+    CAP_SYS_ADMIN = 21
+    try:
+        with open("/proc/self/status") as f:
+            eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return os.geteuid() == 0
+    return bool(eff >> CAP_SYS_ADMIN & 1)
+
+
 class TableMount:
     def __init__(self, tables: Tables, loop: asyncio.AbstractEventLoop, mountpoint: str):
         self.tables = tables
@@ -122,6 +131,10 @@ class TableMount:
         if not os.path.exists("/dev/fuse"):
             raise TableUnavailable("/dev/fuse is missing: load the module (modprobe fuse) or, in a container, "
                                    "pass the device through")
+        if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+            mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+            raise TableUnavailable(f"/dev/fuse is mode {mode:04o}, not usable by uid {os.getuid()}: Debian's udev "
+                                   "makes it 0666 (chmod 0666 /dev/fuse where it does not, e.g. in a container)")
         state = mount_state(self.mountpoint)
         if state == "live":
             raise TableUnavailable(f"{self.mountpoint} is served by another process: choose another "
@@ -137,7 +150,8 @@ class TableMount:
         r, w = os.pipe()
         # The reaper holds the read end; only we hold the write end (not inherited by children).
         self._reaper = subprocess.Popen([sys.executable, "-m", "rtpproxy.mountreaper", self.mountpoint],
-                                        stdin=r, close_fds=True)
+                                        stdin=r, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        close_fds=True)    # holds no pipe of whoever started us (it logs to syslog)
         os.close(r)
         self._reaper_pipe = w
         os.set_inheritable(w, False)
@@ -149,10 +163,11 @@ class TableMount:
         while not ready.wait(0.05):
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
-                why = self._error or "timed out"
-                raise TableUnavailable(f"mounting {self.mountpoint} failed ({why}): the daemon needs CAP_SYS_ADMIN "
-                                       "to mount (run as root, or see the unit's AmbientCapabilities); "
-                                       "--table -1 runs without the files")
+                why = f"libfuse status {self._error}" if self._error else "no answer from libfuse"
+                need = "" if _can_mount() else ": mounting needs CAP_SYS_ADMIN (run as root, or see the unit's " \
+                                               "AmbientCapabilities)"
+                raise TableUnavailable(f"mounting {self.mountpoint} failed ({why}; libfuse's own message is just "
+                                       f"above){need}; --table -1 runs without the files")
 
     def _serve(self, binding, ops) -> None:
         try:

@@ -124,7 +124,7 @@ def parse_entry_command(data: bytes) -> EntryCommand:
     if len(rest) % 2:
         raise TableError(errno.EINVAL, f"{rest[-1]!r} needs a value")
     opts: dict[str, Address] = {}
-    for key, value in zip(rest[::2], rest[1::2]):
+    for key, value in zip(rest[::2], rest[1::2], strict=True):
         if key not in _OPTIONS[op]:
             raise TableError(errno.EINVAL, f"{op} takes no {key!r}")
         if key in opts:

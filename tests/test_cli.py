@@ -117,7 +117,7 @@ def test_sippy_style_invocation_goes_to_background(tmp_path):
     base = free_port_range(20)
     port = free_port()
     pid = tmp_path / "bg.pid"
-    r = run("-F", "--no-nft", "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{port}", "-p", str(pid), "-m", str(base),
+    r = run("-F", "--no-nft", "--table", "-1", "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{port}", "-p", str(pid), "-m", str(base),
             "-M", str(base + 19))
     assert r.returncode == 0, r.stderr                 # returns once the background daemon is ready
     daemon_pid = int(pid.read_text())
@@ -131,7 +131,7 @@ def test_sippy_style_invocation_goes_to_background(tmp_path):
 def test_sippy_style_start_failure_is_reported_by_the_parent(tmp_path):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
         busy.bind(("127.0.0.1", 0))
-        r = run("-F", "--no-nft", "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{busy.getsockname()[1]}")
+        r = run("-F", "--no-nft", "--table", "-1", "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{busy.getsockname()[1]}")
     assert r.returncode == 1 and "cannot start" in r.stderr
 
 

@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -84,7 +85,7 @@ def test_debian_package_lifecycle(tmp_path):
     inst = subprocess.run(["apt-get", "install", "-y", str(deb)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     assert inst.returncode == 0, inst.stdout[-2000:] + inst.stderr[-2000:]
-    proc = None
+    proc = fuse_mode = None
     try:
         version = subprocess.run(["/usr/bin/rtpproxy", "version"], capture_output=True, text=True)
         assert version.stdout.startswith("rtpproxy 0.1.0") and "engine: c)" in version.stdout, version
@@ -92,12 +93,18 @@ def test_debian_package_lifecycle(tmp_path):
         unit_path = next(p for p in (Path("/lib/systemd/system/rtpproxy.service"),
                                      Path("/usr/lib/systemd/system/rtpproxy.service")) if p.exists())
         unit = unit_path.read_text()
-        assert "Type=notify" in unit and "AmbientCapabilities=CAP_NET_ADMIN" in unit
+        assert "Type=notify" in unit
+        caps = re.search(r"^AmbientCapabilities=(.*)$", unit, re.M).group(1).split()
+        assert sorted(caps) == ["CAP_NET_ADMIN", "CAP_SYS_ADMIN"]          # nft, and mounting the table files
+        capset = ",".join(["-all"] + ["+" + c.lower().removeprefix("cap_") for c in caps])
         conf = Path("/etc/rtpproxy/rtpproxy.conf").read_text()
         udp = re.search(r"^control = (udp:\S+)", conf, re.M).group(1)
         unix = re.search(r"^control = unix:(\S+)", conf, re.M).group(1)
 
-        # What systemd would do: RuntimeDirectory, NOTIFY_SOCKET, User/Group, the capabilities.
+        # What systemd would do: RuntimeDirectory, NOTIFY_SOCKET, User/Group, the capabilities;
+        # and what udev does on a Debian host (containers may leave /dev/fuse 0600).
+        fuse_mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+        os.chmod("/dev/fuse", 0o666)
         Path("/run/rtpproxy").mkdir(exist_ok=True)
         shutil.chown("/run/rtpproxy", "rtpproxy", "rtpproxy")
         notify_dir = Path(tempfile.mkdtemp(prefix="rtpproxy-notify-"))     # reachable by the service user
@@ -108,8 +115,8 @@ def test_debian_package_lifecycle(tmp_path):
         os.chmod(notify_dir, 0o755)
         os.chmod(notify_path, 0o777)
         proc = subprocess.Popen(["setpriv", "--reuid=rtpproxy", "--regid=rtpproxy", "--init-groups",
-                                 "--inh-caps=-all,+net_admin", "--ambient-caps=-all,+net_admin",
-                                 "--bounding-set=-all,+net_admin", *_exec_start(unit)],
+                                 f"--inh-caps={capset}", f"--ambient-caps={capset}",
+                                 f"--bounding-set={capset}", *_exec_start(unit)],
                                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "NOTIFY_SOCKET": str(notify_path)},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert notify.recv(100) == b"READY=1"
@@ -121,13 +128,21 @@ def test_debian_package_lifecycle(tmp_path):
         assert ControlClient(parse_control(f"unix:{unix}"), timeout=3).send("VF 20050322") == "1"
         table = subprocess.run(["nft", "-j", "list", "table", "inet", "rtpproxy"], capture_output=True, text=True)
         assert table.returncode == 0 and '"comment": "pkgcall"' in table.stdout   # its ports are open
+        # The table files, served through Debian's python3-fusepy, show the call.
+        tables = Path("/run/rtpproxy/tables")
+        assert (tables / "list").read_text() == "0\n"
+        assert f"local inet4 127.0.0.1:{port}" in (tables / "0" / "list").read_text()
+        # Once mounted, the daemon keeps CAP_NET_ADMIN alone.
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        assert re.search(r"^CapEff:\s+0*1000$", status, re.M), status
         assert client.send("D pkgcall ft tt") == "0"
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=15)
         assert proc.returncode == 0, out
         assert "Traceback" not in out
-        stop_post = next(x for x in unit.splitlines() if x.startswith("ExecStopPost="))
-        subprocess.run(stop_post.split("=", 1)[1].lstrip("+").split(), check=True)
+        for stop_post in (x for x in unit.splitlines() if x.startswith("ExecStopPost=")):
+            subprocess.run(stop_post.split("=", 1)[1].lstrip("+").split(), check=True)
+        assert wait_for(lambda: "/run/rtpproxy/tables" not in Path("/proc/mounts").read_text(), 5)
         # Nothing left behind: no table, no socket, the control port free again.
         assert subprocess.run(["nft", "list", "table", "inet", "rtpproxy"], capture_output=True).returncode != 0
         assert not Path(unix).exists()
@@ -138,6 +153,8 @@ def test_debian_package_lifecycle(tmp_path):
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
+        if fuse_mode is not None:
+            os.chmod("/dev/fuse", fuse_mode)
         purge = subprocess.run(["apt-get", "purge", "-y", "rtpproxy"], capture_output=True, text=True,
                                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     assert purge.returncode == 0, purge.stderr
