@@ -48,7 +48,7 @@ def build_config(listen, listen6, advertised, control, min_port, max_port, ttl, 
                  backend, workers, update_window=10.0, nft=True, nft_table="rtpproxy", nft_chain=None,
                  nft_required=False, nft_range_policy="drop", latching="dynamic", relatch_packets=3,
                  relatch_silence=0.2, ssrc_lock=False, peers=(), strict_checks=False, table=0,
-                 tables_dir=DEFAULT_TABLES_DIR) -> Config:
+                 tables_dir=DEFAULT_TABLES_DIR, kernel=None, kernel_forward_policy="drop") -> Config:
     cfg = Config()
     cfg.interfaces = parse_all(listen or [], "-l", 4, advertised) + \
         parse_all(listen6 or [], "-6", 6, None if listen else advertised)
@@ -94,6 +94,7 @@ def build_config(listen, listen6, advertised, control, min_port, max_port, ttl, 
         raise ConfigError("--peer", str(exc)) from None
     cfg.strict_checks = strict_checks
     cfg.table, cfg.tables_dir = table, tables_dir
+    cfg.kernel, cfg.kernel_forward_policy = kernel, kernel_forward_policy
     cfg.backend = backend
     cfg.workers = workers
     check(cfg)
@@ -178,6 +179,8 @@ def run(
     nft_chain: Optional[str] = typer.Option(None, "--nft-chain", help="inet:TABLE:CHAIN of your own ruleset to hook into instead of a standalone table (e.g. inet:filter:input)."),
     nft_required: bool = typer.Option(False, "--nft-required", help="Refuse a call (E72/E71) when its ports cannot be opened in nftables."),
     nft_range_policy: str = typer.Option("drop", "--nft-range-policy", help="drop: drop media-range packets outside live calls; none: leave them to your rules."),
+    kernel: Optional[bool] = typer.Option(None, "--kernel/--no-kernel", help="Forward latched streams in the kernel (nftables NAT + conntrack). Default: where the host supports it; --kernel makes it required."),
+    kernel_forward_policy: str = typer.Option("drop", "--kernel-forward-policy", help="drop: with the kernel tier, forward nothing but relayed streams; accept: leave other forwarded traffic to your rules (hosts that route on purpose)."),
     table: int = typer.Option(0, "--table", help="Forwarding table this daemon owns, shown as files under --tables-dir; -1: no table files."),
     tables_dir: str = typer.Option(DEFAULT_TABLES_DIR, "--tables-dir", help="Where the table files are mounted (FUSE; needs CAP_SYS_ADMIN to mount)."),
     legacy: bool = typer.Option(False, "--legacy-invocation", hidden=True),
@@ -190,7 +193,7 @@ def run(
                            independent_ttl, notify, pidfile, user, force_root, foreground or not legacy,
                            debug, nofile, sequential, tos, backend, workers, update_window, nft, nft_table,
                            nft_chain, nft_required, nft_range_policy, latching, relatch_packets, relatch_silence,
-                           ssrc_lock, peer, strict_checks, table, tables_dir)
+                           ssrc_lock, peer, strict_checks, table, tables_dir, kernel, kernel_forward_policy)
         setup_logging(cfg)
         if cfg.nofile:
             try:

@@ -95,6 +95,8 @@ class Config:
     nft_range_policy: str = "drop"                        # drop | none
     peers: list[str] = field(default_factory=list)       # --peer networks for the route checks
     strict_checks: bool = False
+    kernel: Optional[bool] = None                         # kernel tier: None = where the host supports it
+    kernel_forward_policy: str = "drop"                   # drop | accept forwarded traffic that is not ours
     table: int = 0                                        # forwarding table owned (table files); -1: none
     tables_dir: str = DEFAULT_TABLES_DIR
     backend: str = "auto"
@@ -120,7 +122,7 @@ class Config:
         return Policy(Mode(self.latching), self.update_window, self.relatch_packets, self.relatch_silence,
                       self.ssrc_lock)
 
-    def nft_layout(self):
+    def nft_layout(self, kernel: bool = False):
         """Where the daemon's nftables objects live, derived from this config."""
         from rtpproxy.firewall import MARGIN_S  # noqa: PLC0415
         from rtpproxy.nftmgr import NftLayout  # noqa: PLC0415
@@ -131,7 +133,8 @@ class Config:
                          max_port=self.max_port, range_policy=self.nft_range_policy,
                          element_timeout=max(self.ttl, self.setup_ttl) + MARGIN_S,
                          control_ports=tuple(c.port for c in self.control if c.kind in ("udp", "udp6")),
-                         ephemeral=unreserved_ephemeral())
+                         ephemeral=unreserved_ephemeral(), kernel=kernel,
+                         forward_policy=self.kernel_forward_policy)
 
     @property
     def max_streams(self) -> int:
@@ -240,6 +243,10 @@ def check(cfg: Config) -> None:
         raise ConfigError("--table", f"{cfg.table}: use 0..{MAX_TABLE}, or -1 for no table files")
     if not os.path.isabs(cfg.tables_dir):
         raise ConfigError("--tables-dir", f"{cfg.tables_dir!r}: give an absolute path")
+    if cfg.kernel_forward_policy not in ("drop", "accept"):
+        raise ConfigError("--kernel-forward-policy", "use drop (default) or accept")
+    if cfg.kernel and not cfg.nft:
+        raise ConfigError("--kernel", "the kernel tier lives in the daemon's nftables table: drop --no-nft")
     if cfg.nft_range_policy not in ("drop", "none"):
         raise ConfigError("--nft-range-policy", "use drop (default) or none")
     if not cfg.nft_table.replace("_", "").replace("-", "").isalnum():
@@ -258,7 +265,7 @@ def conf_to_argv(text: str, path: str = "rtpproxy.conf") -> list[str]:
     `nft`). Repeat a line for repeatable flags. The flags then go through the same checks as on
     the command line, which name the option; a line that is not `name = value` is refused here."""
     argv: list[str] = []
-    on_by_default = {"nft"}
+    on_by_default = {"nft", "kernel"}
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:

@@ -130,11 +130,9 @@ class Daemon:
         pid_written = False
         try:
             if cfg.nft:
-                from rtpproxy.firewall import MediaFirewall  # noqa: PLC0415
-
-                candidate = MediaFirewall(cfg.nft_layout(), required=cfg.nft_required)
-                candidate.setup()                  # one transaction: all of it or nothing
-                firewall = svc.firewall = candidate
+                firewall = svc.firewall = self._firewall(svc)
+            else:
+                svc.kernel_state = "off (--no-nft)"
             self._host_checks(firewall)
             only_stdio = all(c.kind == "stdio" for c in cfg.control)
             for spec in cfg.control:
@@ -202,6 +200,35 @@ class Daemon:
                 except OSError as exc:
                     log.warning("cannot remove pidfile %s: %s", cfg.pidfile, exc)
 
+    def _firewall(self, svc: MediaService):
+        """The nft table, with the kernel tier's maps and chains when it can run here. --kernel
+        makes every reason it cannot a start-up error; by default it is one warning."""
+        from rtpproxy import kernel  # noqa: PLC0415
+        from rtpproxy.firewall import MediaFirewall  # noqa: PLC0415
+
+        cfg = self.cfg
+        reason = "--no-kernel" if cfg.kernel is False else kernel.kernel_reason(kernel.ip_forward_state(), True)
+        firewall = None
+        if reason is None:
+            try:
+                firewall = MediaFirewall(cfg.nft_layout(kernel=True), required=cfg.nft_required)
+                firewall.setup()
+                svc.kernel = kernel.open_tier(firewall.layout, firewall.nft)
+                svc.kernel_state = "on"
+                log.info("kernel tier on: latched streams are forwarded by nftables NAT")
+            except (NftError, OSError) as exc:
+                reason = f"the kernel tier cannot be set up: {exc}"
+                svc.kernel = None
+        if reason is not None:
+            if cfg.kernel:
+                raise ConfigError("--kernel", f"{reason} (or run without --kernel)")
+            if cfg.kernel is None:
+                log.warning("kernel tier off: %s; rtpproxy doctor explains", reason)
+            svc.kernel_state = f"off ({reason})"
+            firewall = MediaFirewall(cfg.nft_layout(), required=cfg.nft_required)
+            firewall.setup()                   # one transaction: all of it or nothing
+        return firewall
+
     def _table_files(self, svc: MediaService, loop):
         """Own table --table and serve its files; without FUSE, say why once and run on."""
         from rtpproxy.tablectl import TableMount, TableUnavailable  # noqa: PLC0415
@@ -213,7 +240,7 @@ class Daemon:
             lock = claim(cfg.table)
         except TableError as exc:
             raise ConfigError("--table", f"{exc}: choose another with --table N, or --table -1 for none") from None
-        tables = Tables(cfg.table, svc, kernel_state=lambda: "off (not enabled)", lock=lock)
+        tables = Tables(cfg.table, svc, lock=lock)
         mount = TableMount(tables, loop, cfg.tables_dir)
         try:
             mount.mount()
@@ -229,7 +256,7 @@ class Daemon:
 
         cfg = self.cfg
         findings = syscheck.evaluate(syscheck.gather(cfg.interfaces, cfg.peers), cfg.min_port, cfg.max_port,
-                                     len(cfg.interfaces))
+                                     len(cfg.interfaces), cfg.kernel)
         for f in findings:
             if f.level == "error":
                 log.error("check: %s", f.line())

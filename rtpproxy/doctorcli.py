@@ -31,7 +31,7 @@ def doctor(
     min_port: int = typer.Option(35000, "-m", "--min-port"),
     max_port: int = typer.Option(65000, "-M", "--max-port"),
     peer: Optional[List[str]] = typer.Option(None, "--peer", help="Network media comes from (repeatable), e.g. 198.51.100.0/24."),
-    kernel: bool = typer.Option(False, "--kernel", help="Check what the in-kernel forwarding tier needs too."),
+    kernel: Optional[bool] = typer.Option(None, "--kernel/--no-kernel", help="As given to the daemon: --kernel makes what the kernel tier needs an error, --no-kernel skips it."),
     nft_table: str = typer.Option("rtpproxy", "--nft-table"),
     nft_chain: Optional[str] = typer.Option(None, "--nft-chain"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output for monitoring."),

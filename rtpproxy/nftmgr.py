@@ -33,6 +33,8 @@ class NftLayout:
     # ephemeral range minus ip_local_reserved_ports): dropping them would drop replies to those
     # programs (DNS, ...), so the range drop leaves them out.
     ephemeral: tuple[tuple[int, int], ...] = ()
+    kernel: bool = False                      # the kernel tier's maps and chains (rtpproxy-kernel.nft)
+    forward_policy: str = "drop"              # kernel tier: drop | accept forwarded traffic that is not ours
 
     @property
     def family(self) -> str:
@@ -90,13 +92,28 @@ class Element:
 
 # ---- builders (pure) ---------------------------------------------------------
 
-def skeleton_template() -> str:
-    return resources.files("rtpproxy").joinpath("rtpproxy.nft").read_text()
+def skeleton_template(name: str = "rtpproxy.nft") -> str:
+    return resources.files("rtpproxy").joinpath(name).read_text()
+
+
+KERNEL_MAPS = ("kdnat4", "kdnat6", "ksnat4", "ksnat6")
+KERNEL_SETS = ("kcount4", "kcount6", "ksock4", "ksock6")
+KERNEL_CHAINS = ("kpre", "kpost", "kout", "kforward")
+FORWARD_DROP_COMMENT = "rtpproxy: forwarded, not a relayed stream"
+
+
+def _kernel_block(layout: NftLayout) -> str:
+    if not layout.kernel:
+        return ""
+    rule = (f'\t\tcounter drop comment "{FORWARD_DROP_COMMENT}"' if layout.forward_policy == "drop" else
+            "\t\t# --kernel-forward-policy accept: other forwarded traffic is left to the admin's rules")
+    return skeleton_template("rtpproxy-kernel.nft").replace("@FORWARD_RULE@", rule)
 
 
 def render_skeleton(layout: NftLayout, template: Optional[str] = None) -> str:
     """The table (standalone) or our objects in the admin's table (chain mode), as nft text."""
     text = template if template is not None else skeleton_template()
+    text = text.replace("@KERNEL@", _kernel_block(layout))
     hook = ("\t\ttype filter hook input priority filter - 5; policy accept;" if not layout.admin_chain
             else "\t\t# a regular chain: the admin's chain jumps here")
     control = "\t\t# (no control port inside the media range)"
@@ -135,11 +152,23 @@ def removal_text(layout: NftLayout, jump_handles: Iterable[int] = ()) -> str:
     lines = [f"delete rule {fam} {table} {base} handle {h}" for h in jump_handles]
     for chain in (layout.chain, layout.prefix + "rpcheck"):
         lines += [f"add chain {fam} {table} {chain}", f"delete chain {fam} {table} {chain}"]
+    for chain in KERNEL_CHAINS:
+        lines += [f"add chain {fam} {table} {layout.prefix}{chain}", f"delete chain {fam} {table} {layout.prefix}{chain}"]
     for kind in layout.set_kinds:
         name = layout.set_name(kind)
         key = {"media4": "ipv4_addr . inet_service", "media6": "ipv6_addr . inet_service"}.get(kind, "inet_service")
         lines += [f"add set {fam} {table} {name} {{ type {key}; flags timeout; }}",
                   f"delete set {fam} {table} {name}"]
+    for kind in KERNEL_SETS:
+        key = "ipv4_addr . inet_service" if kind.endswith("4") else "ipv6_addr . inet_service"
+        flags = " counter;" if kind.startswith("kcount") else ""
+        lines += [f"add set {fam} {table} {layout.prefix}{kind} {{ type {key};{flags} }}",
+                  f"delete set {fam} {table} {layout.prefix}{kind}"]
+    for kind in KERNEL_MAPS:
+        addr = "ipv4_addr" if kind.endswith("4") else "ipv6_addr"
+        key = f"{addr} . {addr} . inet_service . inet_service : {addr} . inet_service"
+        lines += [f"add map {fam} {table} {layout.prefix}{kind} {{ type {key}; }}",
+                  f"delete map {fam} {table} {layout.prefix}{kind}"]
     return "\n".join(lines) + "\n"
 
 
@@ -172,6 +201,72 @@ def element_commands(layout: NftLayout, op: str, elements: Iterable[Element]) ->
 def flush_commands(layout: NftLayout) -> list[dict]:
     return [{"flush": {"set": {"family": layout.family, "table": layout.table_name, "name": layout.set_name(k)}}}
             for k in layout.set_kinds]
+
+
+@dataclass(frozen=True)
+class KernelFlow:
+    """One stream forwarded in the kernel: packets from `a` to relay socket `a_local` go to `b`
+    from relay socket `b_local`, and the reverse (all four in one family)."""
+
+    a: tuple[str, int]
+    a_local: tuple[str, int]
+    b: tuple[str, int]
+    b_local: tuple[str, int]
+    call_id: str = ""
+
+    @property
+    def v(self) -> str:
+        return "6" if ":" in self.a[0] else "4"
+
+
+def kernel_commands(layout: NftLayout, op: str, flows: Iterable[KernelFlow]) -> list[dict]:
+    """JSON commands adding or deleting the map and counter elements of these flows."""
+    by_set: dict[str, list] = {}
+
+    def put(kind: str, v: str, key: list, value: Optional[list], comment: str) -> None:
+        item: Any = {"concat": key}
+        if value is not None:
+            item = [item, {"concat": value}]
+        if op == "add" and value is None:
+            item = {"elem": {"val": item, "comment": comment[:COMMENT_MAX]}}
+        by_set.setdefault(f"{layout.prefix}{kind}{v}", []).append(item)
+
+    for f in flows:
+        (a, ap), (al, alp), (b, bp), (bl, blp) = f.a, f.a_local, f.b, f.b_local
+        put("kdnat", f.v, [a, al, ap, alp], [b, bp], f.call_id)
+        put("kdnat", f.v, [b, bl, bp, blp], [a, ap], f.call_id)
+        put("ksnat", f.v, [a, b, ap, bp], [bl, blp], f.call_id)
+        put("ksnat", f.v, [b, a, bp, ap], [al, alp], f.call_id)
+        for kind in ("kcount", "ksock"):
+            put(kind, f.v, [al, alp], None, f.call_id)
+            put(kind, f.v, [bl, blp], None, f.call_id)
+    if op == "add":
+        return [{"add": {"element": {"family": layout.family, "table": layout.table_name, "name": name,
+                                     "elem": items}}} for name, items in sorted(by_set.items())]
+    return [{"delete": {"element": {"family": layout.family, "table": layout.table_name, "name": name,
+                                    "elem": [i if not isinstance(i, list) else i[0] for i in items]}}}
+            for name, items in sorted(by_set.items())]
+
+
+def kernel_flush_commands(layout: NftLayout) -> list[dict]:
+    cmds = [{"flush": {"map": {"family": layout.family, "table": layout.table_name, "name": layout.prefix + k}}}
+            for k in KERNEL_MAPS]
+    return cmds + [{"flush": {"set": {"family": layout.family, "table": layout.table_name,
+                                      "name": layout.prefix + k}}} for k in KERNEL_SETS]
+
+
+def parse_kernel_counters(listing: dict) -> dict[tuple[str, int], tuple[int, int]]:
+    """(relay address, port) -> (packets, bytes) from a `list set` of kcount4/kcount6."""
+    out: dict[tuple[str, int], tuple[int, int]] = {}
+    for item in listing.get("nftables", []):
+        for elem in item.get("set", {}).get("elem", []) or []:
+            e = elem.get("elem", {}) if isinstance(elem, dict) else {}
+            val, counter = e.get("val", {}), e.get("counter") or {}
+            concat = val.get("concat") if isinstance(val, dict) else None
+            if concat and len(concat) == 2:
+                out[(str(ipaddress.ip_address(concat[0])), int(concat[1]))] = (int(counter.get("packets", 0)),
+                                                                             int(counter.get("bytes", 0)))
+    return out
 
 
 # ---- reading nft's JSON (pure) --------------------------------------------------

@@ -51,6 +51,8 @@ class MediaService:
         self.cfg = cfg
         self.engine = engine
         self.firewall = firewall             # firewall.MediaFirewall, or None with --no-nft
+        self.kernel = None                   # kernel.KernelTier when the kernel tier is on
+        self.kernel_state = "off (not enabled)"
         self.policy = cfg.latch_policy()
         self.clock = clock
         self.on_timeout = on_timeout
@@ -133,6 +135,9 @@ class MediaService:
 
     def destroy(self, s: Session, reason: str) -> None:
         self.sessions.remove(s)
+        if self.kernel is not None:
+            self.kernel.poll(force=True)         # the latest kernel counts, then
+            self.kernel.remove(s.gen)            # media back to the sockets before they close
         rtp = [self.counters(s, i) for i in (0, 1)]
         rtp_dirs = sum(1 for c in rtp if c.packets)
         rtcp_dirs = sum(1 for i in (0, 1) if self.counters(s, i, rtcp=True).packets)
@@ -143,8 +148,7 @@ class MediaService:
             for sid in (side.rtp_id, side.rtcp_id):
                 if sid is None:
                     continue
-                c = self.engine.counters(sid)
-                self.stats.absorb(c)
+                self.stats.absorb(self.stream_counters(sid))
                 if sid in self._pushed:
                     self.engine.stream_del(sid)
                     del self._pushed[sid]
@@ -152,6 +156,8 @@ class MediaService:
                 self._refused_logged.pop(sid, None)
                 self._free_ids.append(sid)
             if side.pair is not None:
+                if self.kernel is not None:
+                    self.kernel.forget(_sockets(side.local_host, side.port))
                 self._release(side.pair, side.local_host)
                 side.pair = None
         self._ssrc_pending.pop(id(s), None)
@@ -161,6 +167,9 @@ class MediaService:
         log.info("[%s] %s, tag %s; %s", s.call_id, reason, s.from_tag, summary)
 
     def destroy_all(self, reason: str) -> int:
+        if self.kernel is not None:
+            self.kernel.poll(force=True)
+            self.kernel.close_all()          # one flush, like the firewall's
         if self.firewall is not None:
             self.firewall.close_all()        # one flush; the per-session closes then have nothing left
         doomed = list(self.sessions)
@@ -188,11 +197,40 @@ class MediaService:
                 if self._pushed.get(sid) != cfg:
                     self.engine.stream_set(sid, cfg)
                     self._pushed[sid] = cfg
+        if self.kernel is not None:
+            self.kernel.sync(s.gen, kernel_flows(s))
+
+    # ---- counters: the engine's, plus what the kernel tier forwarded for the same socket -------
+    def _socket_of(self, sid: int):
+        ref = self._streams.get(sid)
+        if ref is None:
+            return None
+        side = ref.session.sides[ref.side]
+        return (side.local_host, side.port + (1 if ref.rtcp else 0)) if side.pair else None
+
+    def stream_counters(self, sid: int) -> Counters:
+        c = self.engine.counters(sid) if sid in self._pushed else Counters()
+        sock = self._socket_of(sid) if self.kernel is not None else None
+        if sock is not None:
+            packets, payload = self.kernel.counts(sock)
+            if packets:
+                c = replace(c, packets=c.packets + packets, bytes=c.bytes + payload, relayed=c.relayed + packets)
+        return c
+
+    def last_activity(self, sid: int) -> float:
+        """Monotonic seconds of the stream's last packet, in the engine or the kernel (0: none)."""
+        best = self.engine.counters(sid).last_rx_ns / 1e9 if sid in self._pushed else 0.0
+        sock = self._socket_of(sid) if self.kernel is not None else None
+        return max(best, self.kernel.last_active(sock)) if sock is not None else best
+
+    def in_kernel(self, sid: int) -> bool:
+        sock = self._socket_of(sid) if self.kernel is not None else None
+        return sock is not None and self.kernel.in_kernel(sock)
 
     def counters(self, s: Session, idx: int, rtcp: bool = False) -> Counters:
         side = s.sides[idx]
         sid = side.rtcp_id if rtcp else side.rtp_id
-        return self.engine.counters(sid) if sid is not None and sid in self._pushed else Counters()
+        return self.stream_counters(sid) if sid is not None else Counters()
 
     # ---- events from the engine ------------------------------------------
     def on_events(self, events: list[Event]) -> None:
@@ -217,9 +255,12 @@ class MediaService:
     def _learn(self, s: Session, ref: StreamRef, ev: Event, now: float) -> bool:
         side = s.sides[ref.side]
         st = side.rtcp if ref.rtcp else side.rtp
-        c = self.engine.counters(ev.stream_id)
-        new, verdict = latch.on_packet(st, ev.kind, ev.src, ev.rtp_valid, ev.ssrc, now, c.last_rx_ns / 1e9,
-                                       self.policy)
+        last_rx = self.engine.counters(ev.stream_id).last_rx_ns / 1e9
+        sock = self._socket_of(ev.stream_id) if self.kernel is not None else None
+        if sock is not None and ev.kind == EV_CANDIDATE:
+            # The latched source may be talking through the kernel, unseen by the engine.
+            last_rx = max(last_rx, self.kernel.last_active(sock, fresh=True))
+        new, verdict = latch.on_packet(st, ev.kind, ev.src, ev.rtp_valid, ev.ssrc, now, last_rx, self.policy)
         if verdict is latch.Verdict.REFUSED:
             self.stats.refused += 1
             last = self._refused_logged.get(ev.stream_id, 0.0)
@@ -260,6 +301,8 @@ class MediaService:
             self.destroy(s, "timed out")
         if self.firewall is not None:
             self.firewall.refresh()
+        if self.kernel is not None:
+            self.kernel.poll()
         self._lock_known_ssrcs()
 
     def _lock_known_ssrcs(self) -> None:
@@ -281,11 +324,11 @@ class MediaService:
                 del self._ssrc_pending[key]
 
     def _last_rx(self, side: Side) -> float:
-        best = 0
+        best = 0.0
         for sid in (side.rtp_id, side.rtcp_id):
-            if sid is not None and sid in self._pushed:
-                best = max(best, self.engine.counters(sid).last_rx_ns)
-        return best / 1e9
+            if sid is not None:
+                best = max(best, self.last_activity(sid))      # media forwarded in the kernel counts too
+        return best
 
     def remaining(self, s: Session) -> float:
         rx = tuple(self._last_rx(side) for side in s.sides)
@@ -293,7 +336,7 @@ class MediaService:
 
     # ---- totals ---------------------------------------------------------------
     def live_counters(self) -> list[tuple[bool, Counters]]:
-        return [(ref.rtcp, self.engine.counters(sid)) for sid, ref in self._streams.items() if sid in self._pushed]
+        return [(ref.rtcp, self.stream_counters(sid)) for sid, ref in self._streams.items() if sid in self._pushed]
 
     def active_streams(self) -> int:
         return len(self._pushed)
@@ -313,6 +356,29 @@ class MediaService:
 
     def give_stream_id(self, sid: int) -> None:
         self._free_ids.append(sid)
+
+
+def kernel_flows(s: Session) -> list:
+    """The flows of s the kernel may forward: RTP and RTCP each once both parties are latched
+    (symmetric, no SSRC lock: the kernel checks addresses only), on concrete local addresses
+    of the parties' family."""
+    from rtpproxy.nftmgr import KernelFlow  # noqa: PLC0415
+
+    callee_side, caller_side = s.sides          # side 1 receives from the caller, side 0 from the callee
+    if callee_side.pair is None or caller_side.pair is None:
+        return []
+    flows = []
+    for off, pick in ((0, lambda side: side.rtp), (1, lambda side: side.rtcp)):
+        a_st, b_st = pick(caller_side), pick(callee_side)
+        if not all(st.latched and st.remote and not st.asymmetric and not st.ssrc_lock for st in (a_st, b_st)):
+            continue
+        a_local = (caller_side.local_host, caller_side.port + off)
+        b_local = (callee_side.local_host, callee_side.port + off)
+        hosts = (a_st.remote[0], b_st.remote[0], a_local[0], b_local[0])
+        if len({":" in h for h in hosts}) != 1 or a_local[0] in ("0.0.0.0", "::") or b_local[0] in ("0.0.0.0", "::"):
+            continue
+        flows.append(KernelFlow(a_st.remote, a_local, b_st.remote, b_local, s.call_id))
+    return flows
 
 
 def _sockets(host: str, port: int) -> list[tuple[str, int]]:

@@ -60,11 +60,16 @@ class Facts:
     rmem_max: int = 212992
     routes: list[RouteProbe] = field(default_factory=list)
     rpf_fails: Optional[int] = None                               # live nft counter; None: not loaded
+    ip6_forward: int = 0
+    conntrack_max: Optional[int] = None                           # None: conntrack not loaded (yet)
+    udp_timeouts: tuple[int, int] = (30, 120)                     # unreplied, stream (seconds)
+    has_v6: bool = False                                          # IPv6 media addresses configured
 
 
 # ---- evaluation (pure) -------------------------------------------------------
 
-def evaluate(f: Facts, min_port: int, max_port: int, n_addresses: int, kernel_tier: bool = False) -> list[Finding]:
+def evaluate(f: Facts, min_port: int, max_port: int, n_addresses: int,
+             kernel_tier: Optional[bool] = None) -> list[Finding]:
     out: list[Finding] = []
     rp_all = f.rp_filter.get("all", 0)
     for addr, ifname in sorted(f.interfaces.items()):
@@ -132,11 +137,48 @@ def evaluate(f: Facts, min_port: int, max_port: int, n_addresses: int, kernel_ti
                            "beyond it are lost", f"sysctl -w net.core.rmem_max={RCVBUF_WANTED}"))
     else:
         out.append(Finding("ok", "buffers", f"net.core.rmem_max {f.rmem_max} allows the media sockets' buffers"))
-    if kernel_tier and not f.ip_forward:
-        out.append(Finding("error", "forwarding", "net.ipv4.ip_forward is 0", "the kernel tier forwards media "
-                           "with NAT, which needs forwarding on", "sysctl -w net.ipv4.ip_forward=1"))
+    out += _kernel_findings(f, min_port, max_port, kernel_tier)
+    return out
+
+
+def _kernel_findings(f: Facts, min_port: int, max_port: int, kernel_tier: Optional[bool]) -> list[Finding]:
+    """The kernel tier (kernel_tier: True = --kernel, None = the default, on where possible, False = off)."""
+    if kernel_tier is False:
+        return [Finding("info", "kernel", "kernel tier: off (--no-kernel)", "media is relayed in userspace")]
+    if not f.ip_forward:
+        level = "error" if kernel_tier else "info"
+        return [Finding(level, "kernel", "kernel tier: off (net.ipv4.ip_forward is 0)",
+                        "the kernel tier forwards latched streams with NAT, which needs forwarding on; until then "
+                        "every packet is relayed in userspace" + ("" if kernel_tier else " (that works, at more CPU)"),
+                        "sysctl -w net.ipv4.ip_forward=1 (the daemon's table then drops forwarded traffic other "
+                        "than relayed streams, so the host does not become a router; --kernel-forward-policy "
+                        "accept if it routes on purpose)")]
+    out = [Finding("ok", "kernel", "kernel tier: available (net.ipv4.ip_forward is 1)",
+                   "latched streams are forwarded by nftables NAT; the daemon's forward chain drops other forwarded "
+                   "traffic unless --kernel-forward-policy accept")]
+    if f.has_v6 and not f.ip6_forward:
+        out.append(Finding("warn", "kernel", "IPv6 forwarding is off: IPv6 streams stay in userspace",
+                           "the kernel tier needs forwarding per family", "sysctl -w net.ipv6.conf.all.forwarding=1"))
+    need = (max_port - min_port + 1) // 2 + 1024          # one entry per relayed stream pair, plus room
+    if f.conntrack_max is None:
+        out.append(Finding("info", "conntrack", "conntrack is not loaded yet",
+                           "it loads with the daemon's table; check again while the daemon runs"))
+    elif f.conntrack_max < need:
+        out.append(Finding("warn", "conntrack", f"net.netfilter.nf_conntrack_max is {f.conntrack_max}, the port "
+                           f"range can need {need} entries", "each kernel-forwarded stream pair holds one entry; "
+                           "when the table is full new streams are dropped (kernel log: table full, dropping "
+                           "packet)", f"sysctl -w net.netfilter.nf_conntrack_max={need}"))
     else:
-        out.append(Finding("info", "forwarding", f"net.ipv4.ip_forward is {f.ip_forward}"))
+        out.append(Finding("ok", "conntrack", f"nf_conntrack_max {f.conntrack_max} covers the port range ({need})"))
+    unreplied, stream = f.udp_timeouts
+    if stream < 30:
+        out.append(Finding("warn", "conntrack", f"net.netfilter.nf_conntrack_udp_timeout_stream is {stream} s",
+                           "a relayed stream silent that long (hold, silence suppression) loses its entry; the next "
+                           "packet re-creates it through the maps, but only if it comes from the latched address",
+                           "sysctl -w net.netfilter.nf_conntrack_udp_timeout_stream=120"))
+    else:
+        out.append(Finding("ok", "conntrack", f"UDP conntrack timeouts {unreplied} s / {stream} s (unreplied / "
+                           "stream)"))
     return out
 
 
@@ -200,6 +242,12 @@ def gather(binds: Sequence[Bind], peers: Sequence[str], rpf_fails: Optional[int]
     for ifname in set(f.interfaces.values()):
         f.rp_filter[ifname] = _read_int(conf / ifname / "rp_filter")
     f.ip_forward = _read_int(SYSCTL / "net/ipv4/ip_forward")
+    f.ip6_forward = _read_int(SYSCTL / "net/ipv6/conf/all/forwarding")
+    f.has_v6 = any(b.is_v6 for b in binds)
+    nf = SYSCTL / "net/netfilter"
+    if (nf / "nf_conntrack_max").exists():
+        f.conntrack_max = _read_int(nf / "nf_conntrack_max")
+        f.udp_timeouts = (_read_int(nf / "nf_conntrack_udp_timeout", 30), _read_int(nf / "nf_conntrack_udp_timeout_stream", 120))
     rng = (SYSCTL / "net/ipv4/ip_local_port_range").read_text().split()
     f.local_port_range = (int(rng[0]), int(rng[1]))
     try:

@@ -20,7 +20,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from rtpproxy.engine_api import MISMATCH_DROP, MISMATCH_FORWARD, StreamConfig
 from rtpproxy.errors import NftError
@@ -113,11 +113,9 @@ def _bind(local: Address) -> socket.socket:
 
 
 class Tables:
-    def __init__(self, bound: int, service, kernel_state: Callable[[], str] = lambda: "off (not enabled)",
-                 lock: Optional[socket.socket] = None):
+    def __init__(self, bound: int, service, lock: Optional[socket.socket] = None):
         self.bound = bound
         self.service = service
-        self.kernel_state = kernel_state
         self._locks: dict[int, Optional[socket.socket]] = {bound: lock}
         self._entries: dict[Address, ManualEntry] = {}
 
@@ -273,11 +271,11 @@ class Tables:
         return any(v.local == local for v in self._session_views(time.monotonic_ns()))
 
     # ---- views ----------------------------------------------------------------------------
-    def _counters_view(self, sid: int, now_ns: int) -> dict:
-        c = self.service.engine.counters(sid)
+    def _counters_view(self, sid: int, now_ns: int, session: bool = False) -> dict:
+        c = self.service.stream_counters(sid) if session else self.service.engine.counters(sid)
+        last_ns = int(self.service.last_activity(sid) * 1e9) if session else c.last_rx_ns
         return dict(packets=c.packets, bytes=c.bytes, relayed=c.relayed, drops=c.dropped,
-                    mismatched=c.mismatched,
-                    last_packet_age=(now_ns - c.last_rx_ns) / 1e9 if c.last_rx_ns else None)
+                    mismatched=c.mismatched, last_packet_age=(now_ns - last_ns) / 1e9 if last_ns else None)
 
     def _session_views(self, now_ns: int) -> list[EntryView]:
         views = []
@@ -293,7 +291,8 @@ class Tables:
                 owner=f"call {s.call_id} tag {s.from_tag} side {ref.side} {'rtcp' if ref.rtcp else 'rtp'}",
                 expect=cfg.latched, mismatch="forward" if forwarding else "drop",
                 via=(other.local_host, other.port + off) if cfg.out_fd >= 0 and other.pair else None,
-                dst=cfg.dst, **self._counters_view(sid, now_ns)))
+                dst=cfg.dst, path="kernel" if self.service.in_kernel(sid) else "userspace",
+                **self._counters_view(sid, now_ns, session=True)))
         return views
 
     def entries(self, n: int) -> list[EntryView]:
@@ -315,4 +314,4 @@ class Tables:
         nworkers = getattr(engine, "workers", 1)
         return StatusView(table=n, owner_pid=os.getpid(),
                           engine=f"{engine.name}, {nworkers} worker{'s' if nworkers > 1 else ''}",
-                          kernel=self.kernel_state(), entries=tuple(self.entries(n)), workers=workers)
+                          kernel=self.service.kernel_state, entries=tuple(self.entries(n)), workers=workers)

@@ -7,9 +7,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import signal
 import socket
 import subprocess
+import sys
+import time
 import uuid
+
+from rtpproxy.config import parse_control
+from rtpproxy.control.client import ControlClient
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -66,3 +72,43 @@ def link(a: Netns, a_ip: str, b: Netns, b_ip: str, prefix: int = 24) -> tuple[st
         ns.run("ip", fam, "addr", "add", f"{ip}/{prefix}", "dev", iface, *(["nodad"] if ":" in ip else []))
         ns.run("ip", "link", "set", iface, "up")
     return ia, ib
+
+
+class NsRelay:
+    """The daemon run inside a namespace, controlled over a unix socket in tmp."""
+
+    def __init__(self, ns: Netns, tmp, relay_ip: str, lo: int, hi: int, *args: str):
+        self.ns, self.tmp = ns, tmp
+        self.ctl = f"unix:{tmp}/ctl.sock"
+        self.args = ["-F", "-f", "-d", "DBUG", "--table", "-1", "-l", relay_ip, "-s", self.ctl, "-b", "-m", str(lo),
+                     "-M", str(hi), *args]
+        self.proc = None
+
+    def start(self) -> NsRelay:
+        (self.tmp / "ctl.sock").unlink(missing_ok=True)
+        path = self.tmp / "relay.log"
+        self.log = open(path, "ab")
+        seen = path.stat().st_size                        # a restart appends: look past the old run
+        self.proc = self.ns.popen([sys.executable, "-m", "rtpproxy", "run", *self.args], stdout=self.log,
+                                  stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while b"ready:" not in path.read_bytes()[seen:] and self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.proc.poll() is None, path.read_text()
+        return self
+
+    def cmd(self, c: str) -> str:
+        return ControlClient(parse_control(self.ctl), timeout=3).send(c)
+
+    def log_text(self) -> str:
+        return (self.tmp / "relay.log").read_text(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
 from conftest import rtp_packet, wait_for
-from netns import Netns, link
+from netns import Netns, NsRelay as _NsRelay, link
 from rtpproxy.config import parse_control
 from rtpproxy.control.client import ControlClient
 
@@ -37,33 +36,8 @@ def hosts():
         peer.delete()
 
 
-class NsRelay:
-    def __init__(self, ns: Netns, tmp, *args: str):
-        self.ns, self.tmp = ns, tmp
-        self.ctl = f"unix:{tmp}/ctl.sock"
-        self.args = ["-F", "-f", "-d", "DBUG", "--table", "-1", "-l", RELAY_IP, "-s", self.ctl, "-b", "-m", str(LO), "-M", str(HI), *args]
-        self.proc = None
-
-    def start(self) -> NsRelay:
-        (self.tmp / "ctl.sock").unlink(missing_ok=True)
-        path = self.tmp / "relay.log"
-        self.log = open(path, "ab")
-        seen = path.stat().st_size                        # a restart appends: look past the old run
-        self.proc = self.ns.popen([sys.executable, "-m", "rtpproxy", "run", *self.args], stdout=self.log,
-                                  stderr=subprocess.STDOUT)
-        assert wait_for(lambda: b"ready:" in path.read_bytes()[seen:] or self.proc.poll() is not None,
-                        timeout=15)
-        assert self.proc.poll() is None, (self.tmp / "relay.log").read_text()
-        return self
-
-    def cmd(self, c: str) -> str:
-        return ControlClient(parse_control(self.ctl), timeout=3).send(c)
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(10)
-        self.log.close()
+def NsRelay(ns, tmp, *args):
+    return _NsRelay(ns, tmp, RELAY_IP, LO, HI, *args)
 
 
 def nft_json(ns: Netns, *what: str) -> dict:

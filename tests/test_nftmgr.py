@@ -70,3 +70,31 @@ def test_parse_listing():
 def test_bad_admin_chain(value):
     with pytest.raises(ValueError):
         nftmgr.parse_admin_chain(value)
+
+
+KERNEL = NftLayout(min_port=35000, max_port=65000, element_timeout=90, kernel=True)
+FLOWS = [nftmgr.KernelFlow(("198.51.100.7", 5000), ("192.0.2.10", 35000), ("203.0.113.9", 6000),
+                           ("192.0.2.10", 35002), "call-1"),
+         nftmgr.KernelFlow(("2001:db8::7", 5000), ("2001:db8::10", 35004), ("2001:db8::9", 6000),
+                           ("2001:db8::10", 35006), "call-6")]
+
+
+def test_kernel_tier_setup():
+    check("nft_kernel_setup.nft", nftmgr.setup_text(KERNEL))
+    accepting = nftmgr.setup_text(NftLayout(kernel=True, forward_policy="accept"))
+    assert nftmgr.FORWARD_DROP_COMMENT not in accepting and "--kernel-forward-policy accept" in accepting
+
+
+def test_kernel_flow_elements():
+    doc = {"add": nftmgr.kernel_commands(KERNEL, "add", FLOWS),
+           "delete": nftmgr.kernel_commands(KERNEL, "delete", FLOWS),
+           "flush": nftmgr.kernel_flush_commands(KERNEL)}
+    check("nft_kernel_elements.json", json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
+def test_parse_kernel_counters():
+    listing = {"nftables": [{"metainfo": {}}, {"set": {"name": "kcount4", "elem": [
+        {"elem": {"val": {"concat": ["10.0.1.1", 40000]}, "counter": {"packets": 5, "bytes": 1000}}}]}},
+        {"set": {"name": "kcount6", "elem": [
+            {"elem": {"val": {"concat": ["2001:db8:0::1", 40002]}, "counter": {"packets": 1, "bytes": 220}}}]}}]}
+    assert nftmgr.parse_kernel_counters(listing) == {("10.0.1.1", 40000): (5, 1000), ("2001:db8::1", 40002): (1, 220)}

@@ -60,8 +60,25 @@ def test_ports_nofile_buffers_forwarding():
     assert by(findings, "nofile")[0].fix.startswith("-L 30065")
     assert by(findings, "buffers")[0].level == "warn"
     assert by(run(rmem_max=212992), "buffers")[0].level == "info"
-    facts = Facts(**CLEAN)
-    assert [f.level for f in evaluate(facts, 35000, 65000, 1, kernel_tier=True) if f.check == "forwarding"] == ["error"]
+
+
+def test_kernel_tier_findings():
+    facts = Facts(**{**CLEAN, "ip_forward": 0})
+    required = [f for f in evaluate(facts, 35000, 65000, 1, kernel_tier=True) if f.check == "kernel"]
+    assert [f.level for f in required] == ["error"] and "ip_forward=1" in required[0].fix
+    assert "--kernel-forward-policy" in required[0].fix                  # what turning forwarding on opens
+    auto = by(evaluate(facts, 35000, 65000, 1), "kernel")
+    assert [f.level for f in auto] == ["info"] and auto[0].what == "kernel tier: off (net.ipv4.ip_forward is 0)"
+    assert by(evaluate(facts, 35000, 65000, 1, kernel_tier=False), "kernel")[0].what == "kernel tier: off (--no-kernel)"
+    on = Facts(**{**CLEAN, "ip_forward": 1, "conntrack_max": 4096, "udp_timeouts": (30, 10), "has_v6": True})
+    found = evaluate(on, 35000, 65000, 1)
+    assert by(found, "kernel")[0].level == "ok"
+    assert by(found, "kernel")[1].fix == "sysctl -w net.ipv6.conf.all.forwarding=1"
+    ct = by(found, "conntrack")
+    assert ct[0].level == "warn" and ct[0].fix == "sysctl -w net.netfilter.nf_conntrack_max=16024"
+    assert ct[1].level == "warn" and "udp_timeout_stream=120" in ct[1].fix
+    fine = Facts(**{**CLEAN, "ip_forward": 1, "conntrack_max": 262144})
+    assert [f.level for f in by(evaluate(fine, 35000, 65000, 1), "conntrack")] == ["ok", "ok"]
 
 
 def test_json_and_lines():

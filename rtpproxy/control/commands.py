@@ -105,6 +105,7 @@ class Commands:
             f"active streams: {self.svc.active_streams()}",
             f"packets received: {st.done_rcvd + sum(c.packets for c in live)}",
             f"packets transmitted: {st.done_relayed + sum(c.relayed for c in live)}",
+            f"kernel: {self.svc.kernel_state}",
         ]
         if "l" in req.modifiers.lower():
             lines.append(f"average load: {self._load():f}")

@@ -1,0 +1,99 @@
+"""Deleting conntrack entries by tuple, over ctnetlink, with no library and no process.
+
+The kernel tier (kernel.py) must delete the entries the userspace phase left for a stream
+before its NAT map elements take effect (media-relay-notes §3.2: a stale entry wins over the
+map, and a stale entry on either leg makes the NAT'ed one fail to insert). That is two to
+four deletions per call: one netlink message each, all sent in one sendmsg, acknowledged
+together. Why not the alternatives: `conntrack -D` costs a process per tuple on the event
+loop; pyroute2 would be a large dependency for one message type. The message layout is the
+stable ctnetlink UAPI (linux/netfilter/nfnetlink_conntrack.h).
+
+A tuple is looked up in both directions (the conntrack hash holds each entry's original and
+reply tuples), so deleting (peer -> relay port) removes the entry whichever side sent first.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from typing import Iterable
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_DELETE = 2
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NLMSG_ERROR = 2
+NLA_F_NESTED = 0x8000
+CTA_TUPLE_ORIG = 1
+CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+
+Address = tuple[str, int]
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def delete_message(src: Address, dst: Address, seq: int) -> bytes:
+    """One IPCTNL_MSG_CT_DELETE request for the UDP tuple src -> dst."""
+    s_ip, d_ip = ipaddress.ip_address(src[0]), ipaddress.ip_address(dst[0])
+    if s_ip.version != d_ip.version:
+        raise ValueError(f"{src} and {dst} are of different families")
+    v6 = s_ip.version == 6
+    ips = _attr(CTA_IP_V6_SRC if v6 else CTA_IP_V4_SRC, s_ip.packed) + \
+        _attr(CTA_IP_V6_DST if v6 else CTA_IP_V4_DST, d_ip.packed)
+    proto = _attr(CTA_PROTO_NUM, bytes([socket.IPPROTO_UDP])) + \
+        _attr(CTA_PROTO_SRC_PORT, struct.pack("!H", src[1])) + \
+        _attr(CTA_PROTO_DST_PORT, struct.pack("!H", dst[1]))
+    tuple_ = _attr(CTA_TUPLE_ORIG | NLA_F_NESTED,
+                   _attr(CTA_TUPLE_IP | NLA_F_NESTED, ips) + _attr(CTA_TUPLE_PROTO | NLA_F_NESTED, proto))
+    nfgen = struct.pack("!BBH", socket.AF_INET6 if v6 else socket.AF_INET, 0, 0)
+    body = nfgen + tuple_
+    header = struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
+                         NLM_F_REQUEST | NLM_F_ACK, seq, 0)
+    return header + body
+
+
+class Conntrack:
+    """A ctnetlink socket (needs CAP_NET_ADMIN), opened once and kept."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock.bind((0, 0))
+        self.sock.settimeout(2.0)
+        self._seq = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def delete(self, tuples: Iterable[tuple[Address, Address]]) -> int:
+        """Delete the entries holding these (src, dst) UDP tuples; returns how many existed.
+        A missing entry is not an error (nothing was relayed yet on that leg)."""
+        msgs, pending = [], set()
+        for src, dst in tuples:
+            self._seq = (self._seq + 1) & 0xFFFFFFFF
+            msgs.append(delete_message(src, dst, self._seq))
+            pending.add(self._seq)
+        if not msgs:
+            return 0
+        self.sock.send(b"".join(msgs))
+        deleted = 0
+        while pending:
+            data = self.sock.recv(65536)
+            off = 0
+            while off + 16 <= len(data):
+                length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
+                if kind == NLMSG_ERROR and seq in pending:
+                    pending.discard(seq)
+                    err = -struct.unpack_from("=i", data, off + 16)[0]
+                    if err == 0:
+                        deleted += 1
+                    elif err != errno.ENOENT:
+                        raise OSError(err, f"conntrack delete: {os.strerror(err)}")
+                off += (length + 3) & ~3 if length else len(data)
+        return deleted
