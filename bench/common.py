@@ -36,25 +36,81 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-class OurRelay:
-    """Our daemon, pinned to one core, UDP control on loopback."""
+class Topology:
+    """For the kernel tier: the generator and the relay in two network namespaces joined by a
+    veth pair (packets the relay's kernel forwards must arrive from outside it). Every relay of
+    that comparison runs in the same topology, so the rows compare like with like."""
 
-    def __init__(self, backend: str = "c", workers: int = 1, cpus: str = "1", extra: tuple[str, ...] = ()):
+    GEN_IP, RELAY_IP = "10.0.9.2", "10.0.9.1"
+
+    def __enter__(self) -> Topology:
+        tag = os.urandom(3).hex()
+        self.gen, self.relay = f"rpb-gen-{tag}", f"rpb-relay-{tag}"
+        for ns in (self.gen, self.relay):
+            _sh("ip", "netns", "add", ns)
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        _sh("ip", "link", "add", f"vg{tag}", "netns", self.gen, "type", "veth", "peer", "name", f"vr{tag}",
+            "netns", self.relay)
+        for ns, dev, ip in ((self.gen, f"vg{tag}", self.GEN_IP), (self.relay, f"vr{tag}", self.RELAY_IP)):
+            _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            _sh("ip", "-n", ns, "link", "set", dev, "up")
+        for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0",
+                    "net.ipv4.ip_local_reserved_ports=20000-39999"):
+            _sh("ip", "netns", "exec", self.relay, "sysctl", "-qw", key)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for ns in (self.gen, self.relay):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def _in_ns(ns: str | None) -> list[str]:
+    return ["ip", "netns", "exec", ns] if ns else []
+
+
+def _udp_probe(ns: str | None, host: str, port: int, payload: bytes) -> bytes:
+    """Send one datagram from inside ns (this thread only, via setns) and return the answer."""
+    import ctypes  # noqa: PLC0415
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/var/run/netns/{ns}", os.O_RDONLY) if ns else None
+    try:
+        if target is not None and libc.setns(target, 0x40000000) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(0.2)
+            s.sendto(payload, (host, port))
+            return s.recv(200)
+    finally:
+        if target is not None:
+            libc.setns(own, 0x40000000)
+            os.close(target)
+        os.close(own)
+
+
+class OurRelay:
+    """Our daemon, pinned to one core, UDP control on loopback (or inside a Topology's relay)."""
+
+    def __init__(self, backend: str = "c", workers: int = 1, cpus: str = "1", extra: tuple[str, ...] = (),
+                 ns: str | None = None, host: str = "127.0.0.1"):
         self.port = free_udp_port()
-        self.args = ["taskset", "-c", cpus, sys.executable, "-m", "rtpproxy", "run", "-F", "--no-nft", "--table", "-1", "-d", "WARN",
-                     "-l", "127.0.0.1", "-s", f"udp:127.0.0.1:{self.port}", "-m", "20000", "-M", "29999",
-                     "--backend", backend, "--workers", str(workers), *extra]
+        self.ns, self.host = ns, host
+        nft = ("--nft",) if "--kernel" in extra else ("--no-nft",)
+        self.args = [*_in_ns(ns), "taskset", "-c", cpus, sys.executable, "-m", "rtpproxy", "run", "-F", *nft,
+                     "--table", "-1", "-d", "WARN", "-l", host, "-s", f"udp:{host}:{self.port}", "-m", "20000",
+                     "-M", "29999", "--backend", backend, "--workers", str(workers), *extra]
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> OurRelay:
         self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE)
-        from rtpproxy.config import parse_control  # noqa: PLC0415
-        from rtpproxy.control.client import ControlClient  # noqa: PLC0415
-
-        client = ControlClient(parse_control(f"udp:127.0.0.1:{self.port}"), 0.2)
-        for _ in range(100):
+        for i in range(100):
             try:
-                if client.send("V") == "20040107":
+                if _udp_probe(self.ns, self.host, self.port, f"p{i} V".encode()).split()[1] == b"20040107":
                     return self
             except OSError:
                 time.sleep(0.1)
@@ -62,6 +118,7 @@ class OurRelay:
 
     @property
     def pid(self) -> int:
+        """The daemon (taskset and `ip netns exec` exec it, so it keeps the pid)."""
         return self.proc.pid
 
     def __exit__(self, *exc) -> None:
@@ -69,9 +126,12 @@ class OurRelay:
         self.proc.wait(10)
 
 
-def loadgen(port: int, sessions: int, seconds: int, pid: int, cpus: str = "0", no_query: bool = False) -> dict:
-    cmd = ["taskset", "-c", cpus, str(build("loadgen")), "-c", f"127.0.0.1:{port}", "-n", str(sessions),
-           "-t", str(seconds), "-p", str(pid)] + (["-q"] if no_query else [])
+def loadgen(port: int, sessions: int, seconds: int, pid: int, cpus: str = "0", no_query: bool = False,
+            topology: Topology | None = None) -> dict:
+    host, src = (topology.RELAY_IP, topology.GEN_IP) if topology else ("127.0.0.1", "127.0.0.1")
+    cmd = [*_in_ns(topology.gen if topology else None), "taskset", "-c", cpus, str(build("loadgen")),
+           "-c", f"{host}:{port}", "-s", src, "-n", str(sessions), "-t", str(seconds), "-p", str(pid)] + \
+        (["-q"] if no_query else [])
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
     if out.returncode != 0:
         raise RuntimeError(f"loadgen failed: {out.stderr}")
@@ -81,24 +141,22 @@ def loadgen(port: int, sessions: int, seconds: int, pid: int, cpus: str = "0", n
 class RtpEngine:
     """Debian's rtpengine, userspace only (--table=-1), legacy protocol on --listen-udp."""
 
-    def __init__(self, threads: int = 1, cpus: str = "1"):
+    def __init__(self, threads: int = 1, cpus: str = "1", ns: str | None = None, host: str = "127.0.0.1"):
         self.port = free_udp_port()
-        self.args = ["taskset", "-c", cpus, "rtpengine", "--table=-1", "--no-fallback", "--interface=127.0.0.1",
-                     f"--listen-udp=127.0.0.1:{self.port}", "--port-min=30000", "--port-max=39999",
-                     f"--num-threads={threads}", "--foreground", "--log-stderr", "--log-level=3"]
+        self.ns, self.host = ns, host
+        self.args = [*_in_ns(ns), "taskset", "-c", cpus, "rtpengine", "--table=-1", "--no-fallback",
+                     f"--interface={host}", f"--listen-udp={host}:{self.port}", "--port-min=30000",
+                     "--port-max=39999", f"--num-threads={threads}", "--foreground", "--log-stderr", "--log-level=3"]
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> RtpEngine:
         self.proc = subprocess.Popen(self.args, stderr=subprocess.DEVNULL)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.settimeout(0.2)
-            for i in range(50):
-                try:
-                    s.sendto(f"probe{i} V".encode(), ("127.0.0.1", self.port))
-                    if s.recv(100).split()[1] == b"20040107":
-                        return self
-                except OSError:
-                    time.sleep(0.1)
+        for i in range(50):
+            try:
+                if _udp_probe(self.ns, self.host, self.port, f"probe{i} V".encode()).split()[1] == b"20040107":
+                    return self
+            except OSError:
+                time.sleep(0.1)
         raise RuntimeError("rtpengine did not start")
 
     @property

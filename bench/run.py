@@ -17,7 +17,9 @@ import shutil
 import time
 from pathlib import Path
 
-from common import HERE, OurRelay, RtpEngine, loadgen
+import os
+
+from common import HERE, OurRelay, RtpEngine, Topology, loadgen
 
 FULL_SWEEP = (100, 500, 1000, 1500, 2000, 3000)
 LOSS_LIMIT, P99_LIMIT_US = 0.1, 5000
@@ -36,14 +38,33 @@ def relays(smoke: bool):
     return out
 
 
-def measure(label: str, factory, sessions: int, seconds: int, query: bool) -> dict:
+def measure(label: str, factory, sessions: int, seconds: int, query: bool, topology=None) -> dict:
     with factory() as relay:
-        r = loadgen(relay.port, sessions, seconds, relay.pid, no_query=not query)
+        r = loadgen(relay.port, sessions, seconds, relay.pid, no_query=not query, topology=topology)
     forwarded = max(1, r["received"])
     r.update(relay=label, cpu_pct=100 * r["relay_cpu_s"] / r["seconds"],
-             us_per_pkt=1e6 * r["relay_cpu_s"] / forwarded,
+             us_per_pkt=1e6 * r["relay_cpu_s"] / forwarded, sys_us_per_pkt=1e6 * r["system_cpu_s"] / forwarded,
              ok=r["loss_pct"] < LOSS_LIMIT and r["lat_p99_us"] < P99_LIMIT_US)
     return r
+
+
+def kernel_relays(topo: Topology):
+    """The kernel-tier comparison: all three relays in the same two-namespace topology."""
+    where = dict(ns=topo.relay, host=topo.RELAY_IP)
+    out = [("ns-ours-kernel", lambda: OurRelay("c", 1, "1", ("--kernel",), **where), True),
+           ("ns-ours-c-1w", lambda: OurRelay("c", 1, "1", **where), True)]
+    if shutil.which("rtpengine"):
+        out.append(("ns-rtpengine-1t", lambda: RtpEngine(1, "1", **where), False))
+    return out
+
+
+def kernel_table(rows: list[dict]) -> str:
+    lines = ["| relay | sessions | pps | relay µs CPU/pkt | system µs CPU/pkt | loss % | p50 µs | p99 µs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['relay']} | {r['sessions']} | {r['pps']:.0f} | {r['us_per_pkt']:.2f} "
+                     f"| {r['sys_us_per_pkt']:.2f} | {r['loss_pct']:.3f} | {r['lat_p50_us']} | {r['lat_p99_us']} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -83,6 +104,22 @@ def summary(rows: list[dict], at: int) -> str:
     return "; ".join(parts) or "no comparable rows"
 
 
+def kernel_section(krows: list[dict]) -> str:
+    if not krows:
+        return "\nKernel tier: not measured (needs root for the network namespaces).\n"
+    text = ("\n## Kernel tier (generator and relay in two network namespaces; system = the whole machine's "
+            "busy CPU from /proc/stat, generator included)\n\n" + kernel_table(krows) + "\n")
+    by = {(r["relay"], r["sessions"]): r for r in krows}
+    for n in sorted({r["sessions"] for r in krows}):
+        k, u, e = by.get(("ns-ours-kernel", n)), by.get(("ns-ours-c-1w", n)), by.get(("ns-rtpengine-1t", n))
+        parts = [f"{o[0]} {k['sys_us_per_pkt'] / o[1]['sys_us_per_pkt']:.2f}x" for o in
+                 (("vs our userspace", u), ("vs rtpengine userspace", e)) if k and o[1]]
+        if k:
+            text += (f"\nAt {n} sessions the kernel tier's relay process used {k['relay_cpu_s']:.2f} CPU-s; "
+                     f"system CPU per packet {', '.join(parts)}.\n")
+    return text
+
+
 def plot(rows: list[dict], path: Path) -> bool:
     try:
         import matplotlib  # noqa: PLC0415
@@ -113,9 +150,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--smoke", action="store_true", help="20 sessions for 2 s per relay")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--kernel-sessions", type=int, nargs="*", default=[1000],
+                    help="session counts of the kernel-tier comparison (needs root: network namespaces)")
     args = ap.parse_args()
     if args.smoke:
-        args.sessions, args.seconds = [20], 2
+        args.sessions, args.seconds, args.kernel_sessions = [20], 2, [20]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for label, factory, query in relays(args.smoke):
@@ -127,15 +166,23 @@ def main() -> None:
             rows.append(measure(label, factory, n, args.seconds, query))
             print(json.dumps({k: rows[-1][k] for k in ("relay", "sessions", "loss_pct", "lat_p99_us", "us_per_pkt")}),
                   flush=True)
+    krows = []
+    if os.geteuid() == 0 and args.kernel_sessions:
+        with Topology() as topo:
+            for label, factory, query in kernel_relays(topo):
+                for n in args.kernel_sessions:
+                    krows.append(measure(label, factory, n, args.seconds, query, topo))
+                    print(json.dumps({k: krows[-1][k] for k in ("relay", "sessions", "loss_pct", "us_per_pkt",
+                                                                "sys_us_per_pkt")}), flush=True)
     at = 1000 if 1000 in args.sessions else args.sessions[0]
     line = summary(rows, at)
     command = "python bench/run.py" + (" --smoke" if args.smoke else f" --seconds {args.seconds}")
     md = (f"# Relay benchmark ({time.strftime('%Y-%m-%d')}, `{command}`)\n\n{table(rows)}\n\n"
           f"Capacity (most sessions at < {LOSS_LIMIT} % loss and p99 < {P99_LIMIT_US / 1000:.0f} ms): "
           + ", ".join(f"{lab} {capacity(rows, lab)}" for lab in dict.fromkeys(r["relay"] for r in rows))
-          + f"\n\nSummary: {line}\n")
+          + f"\n\nSummary: {line}\n" + kernel_section(krows))
     (args.out / "latest.md").write_text(md)
-    (args.out / "latest.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "latest.json").write_text(json.dumps(rows + krows, indent=1))
     has_plot = plot(rows, args.out / "latest.png")
     print(md)
     print("plot:", args.out / "latest.png" if has_plot else "matplotlib not installed, no plot")

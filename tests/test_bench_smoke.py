@@ -30,3 +30,7 @@ def test_bench_smoke(tmp_path):
         assert row["loss_pct"] == 0 and row["received"] == row["sent"] > 0, row
     report = (tmp_path / "latest.md").read_text()
     assert "| ours-c-1w | 20 |" in report and "Summary:" in report
+    if os.geteuid() == 0:                     # the kernel-tier rows need network namespaces
+        assert {"ns-ours-kernel", "ns-ours-c-1w"} <= relays and "## Kernel tier" in report
+        kernel = next(row for row in rows if row["relay"] == "ns-ours-kernel")
+        assert kernel["system_cpu_s"] > 0
