@@ -113,7 +113,7 @@ def test_latched_streams_leave_userspace(hosts, tmp_path):
         talk([(caller, (RELAY, port_l)), (callee, (RELAY, port_u))], 150, seq0=60)   # 3 s
         drain(callee), drain(caller)
         time.sleep(2.5)                                    # a counter poll
-        q = relay.cmd(f"Q kcall ft tt").split()
+        q = relay.cmd("Q kcall ft tt").split()
         assert int(q[1]) >= 210 and int(q[2]) >= 210, q   # packets from each party, kernel included
         # Re-INVITE: the callee moves to a new address; the stream follows it.
         callee2 = sock(e_ns, (CALLEE2, 7000))
