@@ -87,7 +87,9 @@ def conntrack_ports(ns: Netns) -> str:
 
 def test_latched_streams_leave_userspace(hosts, tmp_path):
     r_ns, c_ns, e_ns = hosts
-    relay = NsRelay(r_ns, tmp_path, RELAY, LO, HI, "--nft", "--kernel", "-T", "4").start()
+    tables = tmp_path / "tables"
+    relay = NsRelay(r_ns, tmp_path, RELAY, LO, HI, "--nft", "--kernel", "-T", "4", "--table", "5",
+                    "--tables-dir", str(tables)).start()
     try:
         caller, callee = sock(c_ns, (CALLER, 5000)), sock(e_ns, (CALLEE, 6000))
         port_u = int(relay.cmd(f"U kcall {CALLER} 5000 ft").split()[0])     # the callee sends here
@@ -115,6 +117,13 @@ def test_latched_streams_leave_userspace(hosts, tmp_path):
         time.sleep(2.5)                                    # a counter poll
         q = relay.cmd("Q kcall ft tt").split()
         assert int(q[1]) >= 210 and int(q[2]) >= 210, q   # packets from each party, kernel included
+        # The table files say where each stream runs. (`ip netns exec` gave the daemon its own mount
+        # namespace: read them from there.)
+        def table_file(name):
+            return r_ns.run("nsenter", "-t", str(relay.proc.pid), "-m", "cat", str(tables / "5" / name)).stdout
+        assert "Kernel:      on" in table_file("status")
+        block = next(b for b in table_file("list").split("\n\n") if f"local inet4 {RELAY}:{port_l}\n" in b)
+        assert "path: kernel" in block and int(block.split(" packets,")[0].rsplit(" ", 1)[1]) >= 210
         # Re-INVITE: the callee moves to a new address; the stream follows it.
         callee2 = sock(e_ns, (CALLEE2, 7000))
         relay.cmd(f"U kcall {CALLER} 5000 ft tt")
