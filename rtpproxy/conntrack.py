@@ -27,6 +27,7 @@ NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLMSG_ERROR = 2
 NLA_F_NESTED = 0x8000
 CTA_TUPLE_ORIG = 1
+CTA_MARK, CTA_MARK_MASK = 8, 21
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
@@ -59,6 +60,16 @@ def delete_message(src: Address, dst: Address, seq: int) -> bytes:
     return header + body
 
 
+def flush_mark_message(mark: int, seq: int) -> bytes:
+    """IPCTNL_MSG_CT_DELETE without a tuple but with a mark: deletes every entry (all families)
+    carrying that mark."""
+    body = struct.pack("!BBH", socket.AF_UNSPEC, 0, 0) + _attr(CTA_MARK, struct.pack("!I", mark)) + \
+        _attr(CTA_MARK_MASK, struct.pack("!I", 0xFFFFFFFF))
+    header = struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
+                         NLM_F_REQUEST | NLM_F_ACK, seq, 0)
+    return header + body
+
+
 class Conntrack:
     """A ctnetlink socket (needs CAP_NET_ADMIN), opened once and kept."""
 
@@ -74,10 +85,17 @@ class Conntrack:
     def delete(self, tuples: Iterable[tuple[Address, Address]]) -> int:
         """Delete the entries holding these (src, dst) UDP tuples; returns how many existed.
         A missing entry is not an error (nothing was relayed yet on that leg)."""
+        return self._run([lambda seq, s=src, d=dst: delete_message(s, d, seq) for src, dst in tuples])
+
+    def flush_mark(self, mark: int) -> None:
+        """Delete every entry carrying this conntrack mark."""
+        self._run([lambda seq: flush_mark_message(mark, seq)])
+
+    def _run(self, builders) -> int:
         msgs, pending = [], set()
-        for src, dst in tuples:
+        for build in builders:
             self._seq = (self._seq + 1) & 0xFFFFFFFF
-            msgs.append(delete_message(src, dst, self._seq))
+            msgs.append(build(self._seq))
             pending.add(self._seq)
         if not msgs:
             return 0

@@ -125,17 +125,23 @@ class KernelTier:
         """Shutdown, X: every flow back to userspace in one transaction, entries deleted."""
         if not self._flows:
             return
-        flows = [f for fl in self._flows.values() for f in fl]
+        count = self.flows
         self._flows.clear()
         try:
             self.nft.json(nftmgr.kernel_flush_commands(self.layout))
         except NftError as exc:
             self.failures += 1
-            log.error("kernel: flushing %d flows failed: %s", len(flows), exc)
+            log.error("kernel: flushing %d flows failed: %s", count, exc)
+        self.flush_entries()
+
+    def flush_entries(self) -> None:
+        """Delete every NAT'ed entry of ours (they carry CT_MARK): at start, a crashed daemon's
+        streams would otherwise go on being forwarded until their entries time out."""
         try:
-            self.conntrack.delete(_tuples(flows))
+            self.conntrack.flush_mark(nftmgr.CT_MARK)
         except OSError as exc:
-            log.error("kernel: conntrack delete failed at shutdown: %s", exc)
+            self.failures += 1
+            log.error("kernel: deleting the conntrack entries of kernel streams failed: %s", exc)
 
     # ---- counters ----------------------------------------------------------------------------
     def _retire(self, sock: Address) -> None:
@@ -219,4 +225,6 @@ def open_tier(layout: NftLayout, nft: nftmgr.Nft) -> KernelTier:
 
     if not os.path.exists("/proc/sys/net/netfilter/nf_conntrack_max"):
         raise OSError("conntrack is not available (modprobe nf_conntrack)")
-    return KernelTier(layout, nft, Conntrack())
+    tier = KernelTier(layout, nft, Conntrack())
+    tier.flush_entries()
+    return tier

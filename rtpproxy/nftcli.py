@@ -61,6 +61,22 @@ def setup(table: str = TABLE, chain: Optional[str] = CHAIN, min_port: int = MIN_
     _run(act)
 
 
+def _flush_kernel_entries() -> None:
+    """The kernel tier's NAT'ed conntrack entries outlive the table: delete them too."""
+    from rtpproxy.conntrack import Conntrack  # noqa: PLC0415
+
+    try:
+        ct = Conntrack()
+    except OSError:
+        return                               # no conntrack here: nothing was forwarded by it
+    try:
+        ct.flush_mark(nftmgr.CT_MARK)
+    except OSError as exc:
+        typer.echo(f"rtpproxy: warning: kernel-tier conntrack entries not deleted: {exc}", err=True)
+    finally:
+        ct.close()
+
+
 @app.command()
 def teardown(table: str = TABLE, chain: Optional[str] = CHAIN,
              config: Optional[str] = typer.Option(None, "--config", help="Take nft-table/nft-chain from the daemon's options file.")) -> None:
@@ -79,6 +95,7 @@ def teardown(table: str = TABLE, chain: Optional[str] = CHAIN,
         layout = _layout(t, c, 35000, 65000, "drop", 60)
         MediaFirewall(layout).teardown()
         typer.echo(f"{layout.family} {layout.table_name}: removed")
+        _flush_kernel_entries()
     _run(act)
 
 

@@ -100,6 +100,7 @@ KERNEL_MAPS = ("kdnat4", "kdnat6", "ksnat4", "ksnat6")
 KERNEL_SETS = ("kcount4", "kcount6", "ksock4", "ksock6")
 KERNEL_CHAINS = ("kpre", "kpost", "kout", "kforward")
 FORWARD_DROP_COMMENT = "rtpproxy: forwarded, not a relayed stream"
+CT_MARK = 0x72747070                          # "rtpp": the conntrack mark of kernel-tier entries
 
 
 def _kernel_block(layout: NftLayout) -> str:
@@ -107,7 +108,8 @@ def _kernel_block(layout: NftLayout) -> str:
         return ""
     rule = (f'\t\tcounter drop comment "{FORWARD_DROP_COMMENT}"' if layout.forward_policy == "drop" else
             "\t\t# --kernel-forward-policy accept: other forwarded traffic is left to the admin's rules")
-    return skeleton_template("rtpproxy-kernel.nft").replace("@FORWARD_RULE@", rule)
+    return skeleton_template("rtpproxy-kernel.nft").replace("@FORWARD_RULE@", rule).replace("@CT_MARK@",
+                                                                                           hex(CT_MARK))
 
 
 def render_skeleton(layout: NftLayout, template: Optional[str] = None) -> str:

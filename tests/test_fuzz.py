@@ -32,7 +32,8 @@ VALID = [
 
 # Every body the protocol documents: E<n>; a port with an optional address (and 6); plain numbers,
 # name=value lists and I's lines.
-REPLY = re.compile(r"(E\d{1,2}|\d+( [0-9a-f.:]+( 6)?)?|[0-9a-z_=. \n:]*)")
+# (the last form is I/G text; I's `kernel: off (reason)` line brings parentheses, dashes, slashes)
+REPLY = re.compile(r"(E\d{1,2}|\d+( [0-9a-f.:]+( 6)?)?|[0-9a-z_=. \n:(),/+-]*)")
 
 TOKENS = st.sampled_from(["U", "L", "D", "Q", "P", "S", "R", "C", "N", "V", "VF", "I", "G", "X", "Uc0", "Lw",
                           "U6", "UL127.0.0.1", "UR127.0.0.1", "Z", "&&", "cid", "ft;1", "tt;1", "1.2.3.4",

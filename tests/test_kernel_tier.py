@@ -6,6 +6,7 @@ and the host forwards nothing that is not a relayed stream."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import pytest
@@ -197,3 +198,25 @@ def test_kernel_required_but_unavailable_fails_start(hosts, tmp_path):
         assert auto.cmd("I").splitlines()[-1].startswith("kernel: off (net.ipv4.ip_forward is 0")
     finally:
         auto.stop()
+
+
+def test_restart_after_a_crash_stops_the_dead_calls_media(hosts, tmp_path):
+    r_ns, c_ns, e_ns = hosts
+    relay = NsRelay(r_ns, tmp_path, RELAY, LO, HI, "--nft", "--kernel").start()
+    caller, callee = sock(c_ns, (CALLER, 5000)), sock(e_ns, (CALLEE, 6000))
+    port_u = int(relay.cmd(f"U ccall {CALLER} 5000 ft").split()[0])
+    port_l = int(relay.cmd(f"L ccall {CALLEE} 6000 ft tt").split()[0])
+    talk([(caller, (RELAY, port_l)), (callee, (RELAY, port_u))], 10)
+    assert wait_for(lambda: len(map_elements(r_ns, "kdnat4")) == 2, timeout=3)
+    talk([(caller, (RELAY, port_l))], 5)
+    drain(callee)
+    relay.stop(signal.SIGKILL)
+    talk([(caller, (RELAY, port_l))], 5, seq0=100)
+    assert len(drain(callee)) == 5                  # the NAT'ed entry outlives the daemon...
+    relay2 = NsRelay(r_ns, tmp_path, RELAY, LO, HI, "--nft", "--kernel").start()
+    try:
+        talk([(caller, (RELAY, port_l))], 5, seq0=200)
+        assert drain(callee) == []                  # ...until the next start deletes it (by its mark)
+        assert "mark=1920233584" not in conntrack_ports(r_ns)
+    finally:
+        relay2.stop()
