@@ -147,6 +147,82 @@ static double cpu_seconds(int pid)
     return (double)(utime + stime) / (double)sysconf(_SC_CLK_TCK);
 }
 
+/* Control churn (-w W): while media plays, keep W commands in flight on a second control socket,
+ * each slot running U, L, D of its own short call over and over. Measures how many U/L/D per
+ * second the relay answers while it forwards the media. */
+struct churn_slot {
+    unsigned call;              /* call number of this slot's current cycle */
+    int stage;                  /* 0 U, 1 L, 2 D */
+    int64_t sent_ns;
+};
+
+static int churn_fd = -1;
+static struct churn_slot *churn;
+static int churn_window;
+static unsigned churn_calls;
+static uint64_t churn_done, churn_errors;
+static uint32_t *churn_hist;
+
+static void churn_send(int slot)
+{
+    /* A fresh cookie per command (relays answer a repeated cookie from their reply cache). */
+    /* Shaped like Kamailio's: codecs, tags with the media number (rtpengine needs them). */
+    static const char *fmt[3] = {"%d_w%d_%u Uc0,8 cw%d-%u@bench %s 9 ft;1", "%d_w%d_%u Lc0,8 cw%d-%u@bench %s 9 ft;1 tt;1",
+                                 "%d_w%d_%u D cw%d-%u@bench ft tt"};
+    static unsigned seq;
+    char buf[256];
+    struct churn_slot *c = &churn[slot];
+    seq++;
+    int n = c->stage == 2 ? snprintf(buf, sizeof(buf), fmt[2], getpid(), slot, seq, getpid(), c->call)
+                          : snprintf(buf, sizeof(buf), fmt[c->stage], getpid(), slot, seq, getpid(), c->call,
+                                     "127.0.0.1");
+    c->sent_ns = now_ns();
+    sendto(churn_fd, buf, (size_t)n, 0, (struct sockaddr *)&ctl_addr, sizeof(ctl_addr));
+}
+
+static void churn_start(int window)
+{
+    churn_window = window;
+    churn = calloc((size_t)window, sizeof(*churn));
+    churn_hist = calloc(HIST_US + 1, sizeof(uint32_t));
+    churn_fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
+    int buf = 1 << 20;
+    setsockopt(churn_fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof(buf));
+    for (int i = 0; i < window; i++) {
+        churn[i].call = churn_calls++;
+        churn_send(i);
+    }
+}
+
+/* Replies: "<pid>_w<slot>_<seq> <reply>"; each answered command sends the slot's next one. */
+static void churn_receive(void)
+{
+    char in[2048];
+    for (;;) {
+        ssize_t r = recv(churn_fd, in, sizeof(in) - 1, 0);
+        if (r < 0)
+            return;
+        in[r] = 0;
+        char *w = strstr(in, "_w"), *sp = strchr(in, ' ');
+        if (!w || !sp)
+            continue;
+        int slot = atoi(w + 2);
+        if (slot < 0 || slot >= churn_window)
+            continue;
+        struct churn_slot *c = &churn[slot];
+        int64_t us = (now_ns() - c->sent_ns) / 1000;
+        churn_hist[us < HIST_US ? us : HIST_US]++;
+        churn_done++;
+        if (sp[1] == 'E')
+            churn_errors++;
+        if (++c->stage == 3) {
+            c->stage = 0;
+            c->call = churn_calls++;
+        }
+        churn_send(slot);
+    }
+}
+
 static uint64_t percentile(const uint32_t *hist, uint64_t total, double q)
 {
     uint64_t want = (uint64_t)(q * (double)total), acc = 0;
@@ -167,9 +243,9 @@ static int cmp_u64(const void *a, const void *b)
 int main(int argc, char **argv)
 {
     const char *ctl = NULL, *src_ip = "127.0.0.1";
-    int n = 100, secs = 5, relay_pid = 0, no_query = 0;
+    int n = 100, secs = 5, relay_pid = 0, no_query = 0, window = 0;
     int opt;
-    while ((opt = getopt(argc, argv, "c:n:t:p:qs:")) != -1) {
+    while ((opt = getopt(argc, argv, "c:n:t:p:qs:w:")) != -1) {
         switch (opt) {
         case 'c': ctl = optarg; break;
         case 'n': n = atoi(optarg); break;
@@ -177,8 +253,10 @@ int main(int argc, char **argv)
         case 'p': relay_pid = atoi(optarg); break;
         case 'q': no_query = 1; break;
         case 's': src_ip = optarg; break;
+        case 'w': window = atoi(optarg); break;
         default:
-            fprintf(stderr, "usage: loadgen -c HOST:PORT -n SESSIONS -t SECONDS [-p PID] [-q] [-s SRC_IP]\n");
+            fprintf(stderr, "usage: loadgen -c HOST:PORT -n SESSIONS -t SECONDS [-p PID] [-q] [-s SRC_IP] "
+                            "[-w CHURN_WINDOW]\n");
             return 2;
         }
     }
@@ -250,6 +328,11 @@ int main(int argc, char **argv)
 
     double cpu0 = cpu_seconds(relay_pid), idle0 = idle_cpu_seconds();
     int64_t wall0 = now_ns();
+    if (window > 0) {
+        churn_start(window);
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = UINT64_MAX};
+        epoll_ctl(ep, EPOLL_CTL_ADD, churn_fd, &ev);
+    }
     int64_t start = now_ns(), end = start + (int64_t)secs * 1000000000LL;
     int64_t drain_end = end + 500000000LL;
     int64_t next_slot = start;
@@ -292,6 +375,11 @@ int main(int argc, char **argv)
                               .tv_nsec = wait_ns > 0 ? wait_ns % 1000000000LL : 0};
         int k = epoll_pwait2(ep, evs, 256, &to, NULL);
         for (int e = 0; e < k; e++) {
+            if (evs[e].data.u64 == UINT64_MAX) {
+                if (now_ns() < end)
+                    churn_receive();
+                continue;
+            }
             int i = (int)(evs[e].data.u64 >> 1);
             int fd = (evs[e].data.u64 & 1) ? calls[i].callee : calls[i].caller;
             for (;;) {
@@ -337,11 +425,14 @@ int main(int argc, char **argv)
     printf("{\"sessions\": %d, \"seconds\": %.3f, \"sent\": %lu, \"received\": %lu, \"malformed\": %lu, "
            "\"loss_pct\": %.4f, \"pps\": %.0f, \"lat_p50_us\": %lu, \"lat_p99_us\": %lu, \"lat_max_us\": %lu, "
            "\"relay_cpu_s\": %.3f, \"system_cpu_s\": %.3f, \"setup_s\": %.3f, \"ctl_rtt_p50_us\": %lu, \"ctl_rtt_p99_us\": %lu, "
-           "\"query\": \"%s\"}\n",
+           "\"churn_cmds\": %lu, \"churn_per_s\": %.0f, \"churn_p50_us\": %lu, \"churn_p99_us\": %lu, "
+           "\"churn_errors\": %lu, \"query\": \"%s\"}\n",
            n, media_s, (unsigned long)sent, (unsigned long)rcvd, (unsigned long)bad, loss,
            (double)sent / media_s, (unsigned long)percentile(hist, rcvd, 0.5),
            (unsigned long)percentile(hist, rcvd, 0.99), (unsigned long)max_us,
            cpu0 >= 0 && cpu1 >= 0 ? cpu1 - cpu0 : -1.0, idle0 >= 0 && idle1 >= 0 ? busy : -1.0, setup_s, (unsigned long)rtt_p50,
-           (unsigned long)rtt_p99, q);
+           (unsigned long)rtt_p99, (unsigned long)churn_done, (double)churn_done / media_s,
+           (unsigned long)(churn_hist ? percentile(churn_hist, churn_done, 0.5) : 0),
+           (unsigned long)(churn_hist ? percentile(churn_hist, churn_done, 0.99) : 0), (unsigned long)churn_errors, q);
     return 0;
 }

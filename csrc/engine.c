@@ -637,7 +637,8 @@ int rp_stream_set(struct rp_engine *e, uint32_t id, const struct rp_stream *cfg)
         s->cfg = *cfg;
         s->dst_len = addr_to_sa(&cfg->dst, &s->dst_sa);
         slot_write_end(s);
-        if (old_fd != cfg->fd || old_out != cfg->out_fd)
+        /* Only a replaced fd can be closed by the caller next; -1 -> fd protects nothing. */
+        if (old_fd != cfg->fd || (old_out >= 0 && old_out != cfg->out_fd))
             worker_quiesce(w);
     } else {
         unsigned wi = pick_worker(e);
@@ -670,7 +671,7 @@ out:
     return rc;
 }
 
-int rp_stream_del(struct rp_engine *e, uint32_t id)
+static int stream_remove(struct rp_engine *e, uint32_t id, int wait)
 {
     if (id >= e->max_streams)
         return -EINVAL;
@@ -686,7 +687,21 @@ int rp_stream_del(struct rp_engine *e, uint32_t id)
     s->active = 0;
     slot_write_end(s);
     w->st.streams--;
-    worker_quiesce(w);
+    if (wait)
+        worker_quiesce(w);
+    pthread_mutex_unlock(&e->ctl);
+    return 0;
+}
+
+int rp_stream_del(struct rp_engine *e, uint32_t id) { return stream_remove(e, id, 1); }
+
+int rp_stream_retire(struct rp_engine *e, uint32_t id) { return stream_remove(e, id, 0); }
+
+int rp_quiesce(struct rp_engine *e)
+{
+    pthread_mutex_lock(&e->ctl);
+    for (unsigned i = 0; i < e->nworkers; i++)
+        worker_quiesce(&e->workers[i]);
     pthread_mutex_unlock(&e->ctl);
     return 0;
 }

@@ -14,7 +14,7 @@
  *    by tests/test_abi.py with ffi.sizeof/offsetof).
  */
 
-#define RP_ABI_VERSION 3
+#define RP_ABI_VERSION 4
 
 /* An endpoint. family is 0 (none), 2 (AF_INET) or 10 (AF_INET6); port in host
  * byte order; ip holds 4 (IPv4) or 16 (IPv6) bytes in network order. */
@@ -112,6 +112,11 @@ int rp_engine_stop(struct rp_engine *);
 int rp_engine_workers(struct rp_engine *);
 int rp_stream_set(struct rp_engine *, uint32_t id, const struct rp_stream *);
 int rp_stream_del(struct rp_engine *, uint32_t id);
+/* Deferred deletion, for the control path: rp_stream_retire removes the entry without waiting;
+ * the fds it used may be closed only after a later rp_quiesce (one wait covers any number of
+ * retired entries). */
+int rp_stream_retire(struct rp_engine *, uint32_t id);
+int rp_quiesce(struct rp_engine *);
 struct rp_counters *rp_counters(struct rp_engine *);
 int rp_counters_reset(struct rp_engine *, uint32_t id);
 int rp_event_fd(struct rp_engine *);

@@ -126,6 +126,13 @@ class CEngine:
     def stream_del(self, stream_id: int) -> None:
         _check(self._lib.rp_stream_del(self._eng, stream_id), f"stream {stream_id} del")
 
+    def stream_retire(self, stream_id: int) -> None:
+        """Delete without waiting: close the entry's fds only after the next quiesce()."""
+        _check(self._lib.rp_stream_retire(self._eng, stream_id), f"stream {stream_id} retire")
+
+    def quiesce(self) -> None:
+        self._lib.rp_quiesce(self._eng)
+
     def counters(self, stream_id: int) -> Counters:
         c = self._counters[stream_id]
         return Counters(c.packets, c.bytes, c.relayed, c.dropped, c.mismatched, c.last_rx_ns,

@@ -116,6 +116,12 @@ class PyEngine:
             old.out.detach()
         old.cfg, old.sock, old.out = cfg, sock, out
 
+    def stream_retire(self, stream_id: int) -> None:
+        self.stream_del(stream_id)           # one thread: nothing can hold the entry meanwhile
+
+    def quiesce(self) -> None:
+        pass
+
     def stream_del(self, stream_id: int) -> None:
         slot = self._slots.pop(stream_id, None)
         if slot is None:

@@ -36,6 +36,7 @@ from rtpproxy.stats import Stats
 log = logging.getLogger("rtpproxy.sessions")
 
 REFUSED_LOG_INTERVAL = 10.0      # seconds between "refused source" log lines of one session
+LIMBO_MAX = 256                  # ended sessions' socket pairs held before a quiesce closes them
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class MediaService:
         self._ssrc_pending: dict[int, Session] = {}               # SSRC-locked sessions yet to see RTP
         self._deadlines: list[tuple[float, int, int, Session]] = []   # (when to look again, order, gen, session)
         self._order = itertools.count()
+        self._limbo: list = []               # pairs of ended sessions, closed after the next quiesce
 
     # ---- ports and sides --------------------------------------------------
     def open_side(self, s: Session, idx: int, bind: Bind) -> None:
@@ -92,12 +94,26 @@ class MediaService:
             self.push(s)                 # the engine lets go of the old fds before they are closed
             self._release(old, old_host)  # where the old pair was bound, which `N` may have changed
 
-    def _release(self, pair, host: str) -> None:
-        """Give a pair back: its firewall holes (if opened), its port (quarantined), its sockets."""
+    def _release(self, pair, host: str, retired: bool = False) -> None:
+        """Give a pair back: its firewall holes (if opened), its port (quarantined), its sockets
+        (retired: their engine entries were retired, so they close after the next quiesce)."""
         if self.firewall is not None:
             self.firewall.close(_sockets(host, pair.port))
         self.pools[family_of(host)].release(pair.port, self.clock())
-        pair.close()
+        if retired:
+            self._limbo.append(pair)
+            if len(self._limbo) >= LIMBO_MAX:
+                self.close_retired()
+        else:
+            pair.close()
+
+    def close_retired(self) -> None:
+        """One wait for every worker covers all the entries retired since the last call."""
+        if self._limbo:
+            self.engine.quiesce()
+            for pair in self._limbo:
+                pair.close()
+            self._limbo.clear()
 
     # ---- sessions ---------------------------------------------------------
     def new_session(self, call_id: str, from_tag: str, to_tag: Optional[str]) -> Session:
@@ -150,7 +166,7 @@ class MediaService:
                     continue
                 self.stats.absorb(self.stream_counters(sid))
                 if sid in self._pushed:
-                    self.engine.stream_del(sid)
+                    self.engine.stream_retire(sid)     # no wait here: D answers at once
                     del self._pushed[sid]
                 del self._streams[sid]
                 self._refused_logged.pop(sid, None)
@@ -158,7 +174,7 @@ class MediaService:
             if side.pair is not None:
                 if self.kernel is not None:
                     self.kernel.forget(_sockets(side.local_host, side.port))
-                self._release(side.pair, side.local_host)
+                self._release(side.pair, side.local_host, retired=True)
                 side.pair = None
         self._ssrc_pending.pop(id(s), None)
         self.stats.session_ended(self.clock() - s.created, rtp_dirs, rtcp_dirs)
@@ -175,6 +191,7 @@ class MediaService:
         doomed = list(self.sessions)
         for s in doomed:
             self.destroy(s, reason)
+        self.close_retired()
         return len(doomed)
 
     # ---- the engine entries ----------------------------------------------
@@ -303,6 +320,7 @@ class MediaService:
             self.firewall.refresh()
         if self.kernel is not None:
             self.kernel.poll()
+        self.close_retired()
         self._lock_known_ssrcs()
 
     def _lock_known_ssrcs(self) -> None:
