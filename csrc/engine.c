@@ -40,6 +40,7 @@ struct rp_slot {
     uint8_t active;
     uint8_t silent;                     /* RP_EV_SILENT already raised; cleared by the next packet */
     uint16_t worker;
+    uint8_t heard;                      /* a packet from cfg.latched was accepted (FORWARD_UNHEARD) */
     struct rp_stream cfg;
     struct sockaddr_in6 dst_sa;         /* cfg.dst, pre-converted (large enough for IPv4 too) */
     socklen_t dst_len;
@@ -363,11 +364,14 @@ static void handle_readable(struct rp_worker *w, uint32_t id, int64_t now)
             }
             if (event_allowed(e, s, now))
                 push_event(w, latched ? RP_EV_MISMATCH : RP_EV_UNLATCHED, id, &cfg, src, rtp_valid, ssrc, seq, now);
-            if (cfg.on_mismatch != RP_MISMATCH_FORWARD ||
-                (cfg.forward_until_ns && now >= cfg.forward_until_ns)) {
+            int forward = cfg.on_mismatch == RP_MISMATCH_FORWARD ||
+                          (cfg.on_mismatch == RP_MISMATCH_FORWARD_UNHEARD && !s->heard);
+            if (!forward || (cfg.forward_until_ns && now >= cfg.forward_until_ns)) {
                 dropped++;
                 continue;
             }
+        } else {
+            s->heard = 1;
         }
         /* accepted */
         c->last_rx_ns = now;
@@ -617,7 +621,7 @@ static unsigned pick_worker(struct rp_engine *e)
 int rp_stream_set(struct rp_engine *e, uint32_t id, const struct rp_stream *cfg)
 {
     if (id >= e->max_streams || cfg->fd < 0 || !valid_addr(&cfg->latched) || !valid_addr(&cfg->dst) ||
-        cfg->on_mismatch > RP_MISMATCH_FORWARD || cfg->match > RP_MATCH_IP)
+        cfg->on_mismatch > RP_MISMATCH_FORWARD_UNHEARD || cfg->match > RP_MATCH_IP)
         return -EINVAL;
     pthread_mutex_lock(&e->ctl);
     struct rp_slot *s = &e->slots[id];
@@ -633,9 +637,12 @@ int rp_stream_set(struct rp_engine *e, uint32_t id, const struct rp_stream *cfg)
             }
             epoll_ctl(w->epfd, EPOLL_CTL_DEL, old_fd, NULL);
         }
+        int moved = memcmp(&s->cfg.latched, &cfg->latched, sizeof(cfg->latched)) != 0;
         slot_write_begin(s);
         s->cfg = *cfg;
         s->dst_len = addr_to_sa(&cfg->dst, &s->dst_sa);
+        if (moved)
+            s->heard = 0;
         slot_write_end(s);
         /* Only a replaced fd can be closed by the caller next; -1 -> fd protects nothing. */
         if (old_fd != cfg->fd || (old_out >= 0 && old_out != cfg->out_fd))
@@ -648,6 +655,7 @@ int rp_stream_set(struct rp_engine *e, uint32_t id, const struct rp_stream *cfg)
         s->dst_len = addr_to_sa(&cfg->dst, &s->dst_sa);
         s->worker = (uint16_t)wi;
         s->silent = 0;
+        s->heard = 0;
         s->tokens_ns = s->cand_tokens_ns = e->event_burst_ns;
         s->bucket_ts = s->cand_bucket_ts = 0;
         s->cand_count = 0;

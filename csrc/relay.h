@@ -9,7 +9,8 @@
  *  - every exported symbol starts with rp_; calls return >= 0 or -errno;
  *  - Python opens, binds and closes sockets; C only uses the fds it is given;
  *  - rp_stream_set / rp_stream_del return only once no worker can still be
- *    using an fd the call replaced or removed, so Python may close it then;
+ *    using an fd the call replaced or removed, so Python may close it then
+ *    (rp_stream_retire + rp_quiesce: the same guarantee, one wait for many);
  *  - any change to a struct below bumps RP_ABI_VERSION (checked at import and
  *    by tests/test_abi.py with ffi.sizeof/offsetof).
  */
@@ -27,6 +28,8 @@ struct rp_addr {
 /* What to do with a packet from a source other than the latched one. */
 #define RP_MISMATCH_DROP 0      /* drop, count, report (rate-limited) */
 #define RP_MISMATCH_FORWARD 1   /* forward, count, report: the learning window after a U/L */
+#define RP_MISMATCH_FORWARD_UNHEARD 2 /* forward until a packet from the latched source arrives
+                                         (learning while pre-latched to the SDP address), then drop */
 
 /* How the latched source is compared with a packet's source. */
 #define RP_MATCH_ADDR 0         /* address and port (symmetric latching) */

@@ -12,6 +12,7 @@ Address = tuple[str, int]
 
 MISMATCH_DROP = 0
 MISMATCH_FORWARD = 1
+MISMATCH_FORWARD_UNHEARD = 2            # forward until the latched source is heard, then drop
 MATCH_ADDR = 0
 MATCH_IP = 1
 

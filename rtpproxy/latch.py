@@ -29,7 +29,15 @@ import enum
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from rtpproxy.engine_api import EV_CANDIDATE, MATCH_ADDR, MATCH_IP, MISMATCH_DROP, MISMATCH_FORWARD, Address
+from rtpproxy.engine_api import (
+    EV_CANDIDATE,
+    MATCH_ADDR,
+    MATCH_IP,
+    MISMATCH_DROP,
+    MISMATCH_FORWARD,
+    MISMATCH_FORWARD_UNHEARD,
+    Address,
+)
 
 UPDATE_WINDOW_S = 10.0       # rtpproxy's UPDATE_WINDOW
 
@@ -135,6 +143,23 @@ def on_packet(st: LatchState, kind: int, src: Address, rtp_valid: bool, ssrc: in
     return st, Verdict.REFUSED
 
 
+def pre_latched(st: LatchState) -> bool:
+    """A learning stream whose engine entry already accepts its SDP address (engine_view)."""
+    return (not st.latched and st.remote is not None and not st.learned and not st.asymmetric
+            and st.mode is not Mode.STRICT and st.remote == st.signalled
+            and (st.allowed_ip is None or st.allowed_ip == st.remote[0]))
+
+
+def adopt(st: LatchState, accepted: bool, ssrc: int) -> LatchState:
+    """The engine accepted packets from a pre-latched stream's SDP address (accepted: its
+    counters show packets that were not mismatches): the stream is latched there, exactly as if
+    the first packet had been reported from it. Python folds this in before any decision that
+    depends on it (an event on the stream, the timer tick), so the order of evidence is kept."""
+    if not accepted or not pre_latched(st):
+        return st
+    return replace(st, learned=True, latched=True, ssrc=ssrc if st.is_rtp else 0, expect_ip=None)
+
+
 def follow_rtp(rtcp: LatchState, rtp_src: Address) -> LatchState:
     """RTP (re-)latched to rtp_src: expect RTCP from the same IP, port+1 until it says otherwise
     (rtpp_stream_guess_addr). Strict and asymmetric RTCP keep their signalled address."""
@@ -165,6 +190,14 @@ def engine_view(st: LatchState, now: float, policy: Policy) -> EngineView:
         # No signalled address: latched None with DROP drops everything.
         return EngineView(st.signalled, MISMATCH_DROP, MATCH_ADDR, lock)
     if not st.latched:
+        if pre_latched(st):
+            # Learning with an SDP address: packets from exactly that address are accepted by the
+            # engine without a report (Python adopts the latch from the counters, see adopt());
+            # any other source is reported, and forwarded (dynamic) or dropped (dynamic-strict).
+            # Until the SDP address is heard, other sources are forwarded (dynamic) as in plain
+            # learning; from then on the engine drops them at once, without waiting for Python.
+            return EngineView(st.remote, MISMATCH_DROP if st.allowed_ip is not None else MISMATCH_FORWARD_UNHEARD,
+                              MATCH_ADDR)
         if st.allowed_ip is not None:
             # Guarded learning: port 0 never matches, so every packet is dropped and reported,
             # and Python latches the first one from the allowed IP.

@@ -18,6 +18,7 @@ from rtpproxy.engine_api import (
     EV_UNLATCHED,
     MATCH_IP,
     MISMATCH_FORWARD,
+    MISMATCH_FORWARD_UNHEARD,
     Counters,
     Event,
     EventSink,
@@ -45,6 +46,7 @@ class _Slot:
     cand_bucket_ts: int = 0
     candidate: Optional[tuple] = None      # (source, ssrc, last seq, count)
     silent: bool = False
+    heard: bool = False                    # a packet from cfg.latched was accepted (FORWARD_UNHEARD)
 
 
 def _normalise(addr) -> tuple[str, int]:
@@ -114,6 +116,8 @@ class PyEngine:
             old.sock.detach()
         if old.out is not None and old.out is not out:
             old.out.detach()
+        if old.cfg.latched != cfg.latched:
+            old.heard = False
         old.cfg, old.sock, old.out = cfg, sock, out
 
     def stream_retire(self, stream_id: int) -> None:
@@ -200,9 +204,13 @@ class PyEngine:
                         self._event(EV_CANDIDATE, sid, slot, src, rtp_valid, ssrc, seq, now)
                 if self._event_allowed(slot, now):
                     self._event(EV_MISMATCH if latched else EV_UNLATCHED, sid, slot, src, rtp_valid, ssrc, seq, now)
-                if cfg.on_mismatch != MISMATCH_FORWARD or (cfg.forward_until_ns and now >= cfg.forward_until_ns):
+                forward = cfg.on_mismatch == MISMATCH_FORWARD or \
+                    (cfg.on_mismatch == MISMATCH_FORWARD_UNHEARD and not slot.heard)
+                if not forward or (cfg.forward_until_ns and now >= cfg.forward_until_ns):
                     c.dropped += 1
                     continue
+            else:
+                slot.heard = True
             c.last_rx_ns = now
             slot.silent = False
             if rtp_valid:

@@ -69,6 +69,7 @@ class MediaService:
         self._gen = 0
         self._refused_logged: dict[int, float] = {}
         self._ssrc_pending: dict[int, Session] = {}               # SSRC-locked sessions yet to see RTP
+        self._prelatched: dict[int, Session] = {}                 # sessions with streams latch.pre_latched
         self._deadlines: list[tuple[float, int, int, Session]] = []   # (when to look again, order, gen, session)
         self._order = itertools.count()
         self._limbo: list = []               # pairs of ended sessions, closed after the next quiesce
@@ -177,6 +178,7 @@ class MediaService:
                 self._release(side.pair, side.local_host, retired=True)
                 side.pair = None
         self._ssrc_pending.pop(id(s), None)
+        self._prelatched.pop(id(s), None)
         self.stats.session_ended(self.clock() - s.created, rtp_dirs, rtcp_dirs)
         if reason == "timed out":
             self.stats.nsess_timeout += 1
@@ -214,8 +216,36 @@ class MediaService:
                 if self._pushed.get(sid) != cfg:
                     self.engine.stream_set(sid, cfg)
                     self._pushed[sid] = cfg
+        if any(latch.pre_latched(st) for side in s.sides if side.pair for st in (side.rtp, side.rtcp)):
+            self._prelatched[id(s)] = s
         if self.kernel is not None:
             self.kernel.sync(s.gen, kernel_flows(s))
+
+    def _adopt(self, s: Session) -> bool:
+        """Fold in what the engine did alone: pre-latched streams that accepted packets from their
+        SDP address are latched there (no event is raised for them, see latch.engine_view)."""
+        changed = False
+        for side in s.sides:
+            if side.pair is None:
+                continue
+            for rtcp in (True, False):            # RTCP first: if it was heard, RTP's adoption keeps it
+                st = side.rtcp if rtcp else side.rtp
+                if not latch.pre_latched(st):
+                    continue
+                sid = side.rtcp_id if rtcp else side.rtp_id
+                c = self.engine.counters(sid) if sid in self._pushed else Counters()
+                new = latch.adopt(st, c.packets > c.mismatched, c.last_ssrc)
+                if new is st:
+                    continue
+                changed = True
+                if rtcp:
+                    side.rtcp = new
+                else:
+                    side.rtp = new
+                    side.rtcp = latch.follow_rtp(side.rtcp, new.remote)    # RTCP only from where RTP comes
+                log.info("[%s] latched %s %s:%s on port %s", s.call_id, "rtcp" if rtcp else "rtp", *new.remote,
+                         side.port)
+        return changed
 
     # ---- counters: the engine's, plus what the kernel tier forwarded for the same socket -------
     def _socket_of(self, sid: int):
@@ -258,6 +288,8 @@ class MediaService:
             if ref is None or ref.session.gen != ev.gen:
                 continue                                 # the stream was deleted or reused since
             s = ref.session
+            if id(s) in self._prelatched and self._adopt(s):
+                touched[id(s)] = s                   # the engine's own evidence first: it came first
             if ev.kind == EV_SILENT:
                 log.info("[%s] media stopped on port %s (%s)", s.call_id, s.sides[ref.side].port,
                          "rtcp" if ref.rtcp else "rtp")
@@ -321,7 +353,18 @@ class MediaService:
         if self.kernel is not None:
             self.kernel.poll()
         self.close_retired()
+        self._adopt_pending()
         self._lock_known_ssrcs()
+
+    def _adopt_pending(self) -> None:
+        for key, s in list(self._prelatched.items()):
+            if not self.sessions.contains(s):
+                del self._prelatched[key]
+                continue
+            if self._adopt(s):
+                self.push(s)
+            if not any(latch.pre_latched(st) for side in s.sides if side.pair for st in (side.rtp, side.rtcp)):
+                self._prelatched.pop(key, None)
 
     def _lock_known_ssrcs(self) -> None:
         """Streams latched by signalling alone (strict) raise no event for their own packets, so

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from rtpproxy.engine_api import MISMATCH_DROP, MISMATCH_FORWARD, StreamConfig
+from rtpproxy.engine_api import MISMATCH_DROP, MISMATCH_FORWARD, MISMATCH_FORWARD_UNHEARD, StreamConfig
 from rtpproxy.errors import NftError
 from rtpproxy.ports import family_of
 from rtpproxy.tablefmt import (
@@ -284,12 +284,13 @@ class Tables:
             if side.pair is None:
                 continue
             off = 1 if ref.rtcp else 0
-            forwarding = cfg.on_mismatch == MISMATCH_FORWARD and (not cfg.forward_until_ns
+            forwarding = cfg.on_mismatch != MISMATCH_DROP and (not cfg.forward_until_ns
                                                                  or cfg.forward_until_ns > now_ns)
             views.append(EntryView(
                 local=(side.local_host, side.port + off),
                 owner=f"call {s.call_id} tag {s.from_tag} side {ref.side} {'rtcp' if ref.rtcp else 'rtp'}",
-                expect=cfg.latched, mismatch="forward" if forwarding else "drop",
+                expect=cfg.latched, mismatch=("forward until heard" if cfg.on_mismatch == MISMATCH_FORWARD_UNHEARD
+                                              else "forward") if forwarding else "drop",
                 via=(other.local_host, other.port + off) if cfg.out_fd >= 0 and other.pair else None,
                 dst=cfg.dst, path="kernel" if self.service.in_kernel(sid) else "userspace",
                 **self._counters_view(sid, now_ns, session=True)))

@@ -12,6 +12,7 @@ from rtpproxy.engine_api import (
     MATCH_IP,
     MISMATCH_DROP,
     MISMATCH_FORWARD,
+    MISMATCH_FORWARD_UNHEARD,
 )
 from rtpproxy.latch import LatchState, Mode, Policy, Verdict
 
@@ -150,20 +151,35 @@ def test_per_call_mode_overrides_the_policy():
 
 
 @pytest.mark.parametrize("st,now,expected", [
-    (sig(), T0, (None, MISMATCH_FORWARD, MATCH_ADDR, None, 0)),                       # dyn learning
+    (sig(), T0, (SDP, MISMATCH_FORWARD_UNHEARD, MATCH_ADDR, None, 0)),                # dyn learning: SDP pre-latched
+    (sig(None), T0, (None, MISMATCH_FORWARD, MATCH_ADDR, None, 0)),                   # dyn learning, no SDP address
     (latched(NAT), T0 + 1, (NAT, MISMATCH_FORWARD, MATCH_ADDR, None, 3)),             # dyn, window open
     (latched(SDP), T0 + 1, (SDP, MISMATCH_DROP, MATCH_ADDR, None, 3)),                # confirmed: no forward
     (latched(NAT), LATE, (NAT, MISMATCH_DROP, MATCH_ADDR, None, 3)),                  # window closed
     (latched(NAT, lock=True), LATE, (NAT, MISMATCH_DROP, MATCH_ADDR, 0xAA, 3)),       # SSRC lock
     (sig(mode=S), T0, (SDP, MISMATCH_DROP, MATCH_ADDR, None, 0)),                     # strict
     (sig(None, mode=S), T0, (None, MISMATCH_DROP, MATCH_ADDR, None, 0)),              # strict hold: drop all
-    (sig(mode=X), T0, ((SDP[0], 0), MISMATCH_DROP, MATCH_ADDR, None, 0)),             # guarded learning
+    (sig(mode=X), T0, (SDP, MISMATCH_DROP, MATCH_ADDR, None, 0)),                     # guarded: SDP pre-latched
     (latched(SDP, X), T0 + 1, (SDP, MISMATCH_DROP, MATCH_ADDR, None, 3)),             # dstrict never forwards
     (sig(asym=True), T0 + 1, (SDP, MISMATCH_DROP, MATCH_IP, None, 0)),                # asymmetric: pinned IP
-    (sig(is_rtp=False), T0, (None, MISMATCH_FORWARD, MATCH_ADDR, None, 0)),           # RTCP: no candidates
+    (sig(is_rtp=False), T0, (SDP, MISMATCH_FORWARD_UNHEARD, MATCH_ADDR, None, 0)),    # RTCP: no candidates
 ])
 def test_engine_view(st, now, expected):
     v = latch.engine_view(st, now, P)
     assert (v.latched, v.on_mismatch, v.match, v.lock_ssrc, v.relatch_packets) == expected
     # a forwarding window carries its own end, so the engine closes it without being told
     assert v.forward_until == (st.window_until if v.on_mismatch == MISMATCH_FORWARD and st.latched else 0.0)
+
+
+def test_adopting_what_the_engine_accepted():
+    st = sig()
+    assert latch.pre_latched(st)
+    assert latch.adopt(st, False, 0xAB) is st                          # nothing from the SDP address yet
+    got = latch.adopt(st, True, 0xAB)
+    assert got.latched and got.remote == SDP and got.confirmed and got.ssrc == 0xAB and got.learned
+    assert not latch.pre_latched(got) and latch.adopt(got, True, 1) is got
+    assert not latch.pre_latched(latched(NAT))                       # learned elsewhere: nothing to adopt
+    assert not latch.pre_latched(sig(mode=S)) and not latch.pre_latched(sig(asym=True))
+    assert not latch.pre_latched(sig(None))
+    rtcp = latch.adopt(sig(is_rtp=False), True, 0xAB)
+    assert rtcp.latched and rtcp.ssrc == 0
