@@ -36,7 +36,8 @@ from rtpproxy.stats import Stats
 log = logging.getLogger("rtpproxy.sessions")
 
 REFUSED_LOG_INTERVAL = 10.0      # seconds between "refused source" log lines of one session
-LIMBO_MAX = 256                  # ended sessions' socket pairs held before a quiesce closes them
+LIMBO_MAX = 256
+ADOPT_PER_TICK = 100             # pre-latched sessions looked at per timer tick                  # ended sessions' socket pairs held before a quiesce closes them
 
 
 @dataclass(frozen=True)
@@ -357,14 +358,18 @@ class MediaService:
         self._lock_known_ssrcs()
 
     def _adopt_pending(self) -> None:
-        for key, s in list(self._prelatched.items()):
+        # A bounded share per tick: the engine already forwards these streams correctly, and
+        # adopting a thousand calls at once would hold the control thread (and a core it may
+        # share with a worker) for a burst the media would feel.
+        for key, s in list(itertools.islice(self._prelatched.items(), ADOPT_PER_TICK)):
             if not self.sessions.contains(s):
                 del self._prelatched[key]
                 continue
             if self._adopt(s):
                 self.push(s)
-            if not any(latch.pre_latched(st) for side in s.sides if side.pair for st in (side.rtp, side.rtcp)):
-                self._prelatched.pop(key, None)
+            self._prelatched.pop(key, None)
+            if any(latch.pre_latched(st) for side in s.sides if side.pair for st in (side.rtp, side.rtcp)):
+                self._prelatched[key] = s                # to the back of the queue
 
     def _lock_known_ssrcs(self) -> None:
         """Streams latched by signalling alone (strict) raise no event for their own packets, so
