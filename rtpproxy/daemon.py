@@ -19,6 +19,7 @@ from rtpproxy.service import MediaService
 log = logging.getLogger("rtpproxy")
 
 TICK_S = 1.0
+ADOPT_S = 0.1          # pre-latched streams are adopted in small steps this often (service.adopt_step)
 
 
 def _sd_notify(message: str) -> None:
@@ -266,11 +267,16 @@ class Daemon:
             raise ConfigError("--strict-checks", "the host checks found errors (see above, or run rtpproxy doctor)")
 
     async def _tick(self, svc: MediaService) -> None:
+        steps = round(TICK_S / ADOPT_S)
+        n = 0
         while True:
-            await asyncio.sleep(TICK_S)
+            await asyncio.sleep(ADOPT_S)
+            n += 1
             try:
-                svc.tick()
+                svc.adopt_step()                   # small and often: no burst at a mass media start
+                if n % steps == 0:
+                    svc.tick()
             except Exception:                      # a bug in one tick must not stop timeouts for good
                 log.exception("timer tick failed")
-            if svc.draining and not len(svc.sessions):
+            if n % steps == 0 and svc.draining and not len(svc.sessions):
                 self.request_stop()

@@ -36,8 +36,8 @@ from rtpproxy.stats import Stats
 log = logging.getLogger("rtpproxy.sessions")
 
 REFUSED_LOG_INTERVAL = 10.0      # seconds between "refused source" log lines of one session
-LIMBO_MAX = 256
-ADOPT_PER_TICK = 100             # pre-latched sessions looked at per timer tick                  # ended sessions' socket pairs held before a quiesce closes them
+LIMBO_MAX = 256                  # ended sessions' socket pairs held before a quiesce closes them
+ADOPT_PER_STEP = 50              # pre-latched sessions looked at per adopt_step (10 per second)
 
 
 @dataclass(frozen=True)
@@ -354,14 +354,14 @@ class MediaService:
         if self.kernel is not None:
             self.kernel.poll()
         self.close_retired()
-        self._adopt_pending()
         self._lock_known_ssrcs()
 
-    def _adopt_pending(self) -> None:
-        # A bounded share per tick: the engine already forwards these streams correctly, and
-        # adopting a thousand calls at once would hold the control thread (and a core it may
-        # share with a worker) for a burst the media would feel.
-        for key, s in list(itertools.islice(self._prelatched.items(), ADOPT_PER_TICK)):
+    def adopt_step(self) -> None:
+        """Every 0.1 s (daemon): adopt what the engine accepted for a bounded number of sessions.
+        The engine already forwards these streams correctly; adopting a thousand calls at once
+        would hold the control thread (and a core it may share with a worker) for a burst the
+        media would feel, while 50 per step still moves 500 calls a second into the kernel tier."""
+        for key, s in list(itertools.islice(self._prelatched.items(), ADOPT_PER_STEP)):
             if not self.sessions.contains(s):
                 del self._prelatched[key]
                 continue
