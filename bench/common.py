@@ -93,6 +93,17 @@ def _udp_probe(ns: str | None, host: str, port: int, payload: bytes) -> bytes:
         os.close(own)
 
 
+def _answers_v(ns: str | None, host: str, port: int, tries: int) -> bool:
+    """Wait (0.1 s steps) until the relay answers V on its UDP control port."""
+    for i in range(tries):
+        try:
+            if _udp_probe(ns, host, port, f"probe{i} V".encode()).split()[1] == b"20040107":
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
 class OurRelay:
     """Our daemon, pinned to one core, UDP control on loopback (or inside a Topology's relay)."""
 
@@ -108,12 +119,8 @@ class OurRelay:
 
     def __enter__(self) -> OurRelay:
         self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE)
-        for i in range(100):
-            try:
-                if _udp_probe(self.ns, self.host, self.port, f"p{i} V".encode()).split()[1] == b"20040107":
-                    return self
-            except OSError:
-                time.sleep(0.1)
+        if _answers_v(self.ns, self.host, self.port, 100):
+            return self
         raise RuntimeError("relay did not start: " + (self.proc.stderr.read().decode() if self.proc.poll() else ""))
 
     @property
@@ -151,12 +158,8 @@ class RtpEngine:
 
     def __enter__(self) -> RtpEngine:
         self.proc = subprocess.Popen(self.args, stderr=subprocess.DEVNULL)
-        for i in range(50):
-            try:
-                if _udp_probe(self.ns, self.host, self.port, f"probe{i} V".encode()).split()[1] == b"20040107":
-                    return self
-            except OSError:
-                time.sleep(0.1)
+        if _answers_v(self.ns, self.host, self.port, 50):
+            return self
         raise RuntimeError("rtpengine did not start")
 
     @property
