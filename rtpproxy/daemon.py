@@ -217,6 +217,11 @@ class Daemon:
                 svc.kernel = kernel.open_tier(firewall.layout, firewall.nft)
                 svc.kernel_state = "on"
                 log.info("kernel tier on: latched streams are forwarded by nftables NAT")
+                if cfg.kernel_forward_policy == "drop":
+                    # ip_forward is on: say loudly that this host forwards nothing else while we run.
+                    log.warning("kernel tier: forwarded traffic that is not a relayed stream is dropped while "
+                                "rtpproxy runs; if this host routes on purpose, use --kernel-forward-policy "
+                                "accept (or --no-kernel)")
             except (NftError, OSError) as exc:
                 reason = f"the kernel tier cannot be set up: {exc}"
                 svc.kernel = None
