@@ -134,11 +134,12 @@ class OurRelay:
 
 
 def loadgen(port: int, sessions: int, seconds: int, pid: int, cpus: str = "0", no_query: bool = False,
-            topology: Topology | None = None, churn: int = 0) -> dict:
+            topology: Topology | None = None, churn: int = 0, churn_rate: int = 0) -> dict:
     host, src = (topology.RELAY_IP, topology.GEN_IP) if topology else ("127.0.0.1", "127.0.0.1")
     cmd = [*_in_ns(topology.gen if topology else None), "taskset", "-c", cpus, str(build("loadgen")),
            "-c", f"{host}:{port}", "-s", src, "-n", str(sessions), "-t", str(seconds), "-p", str(pid)] + \
-        (["-q"] if no_query else []) + (["-w", str(churn)] if churn else [])
+        (["-q"] if no_query else []) + (["-w", str(churn)] if churn else []) + \
+        (["-R", str(churn_rate)] if churn_rate else [])
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
     if out.returncode != 0:
         raise RuntimeError(f"loadgen failed: {out.stderr}")

@@ -159,6 +159,9 @@ struct churn_slot {
 static int churn_fd = -1;
 static struct churn_slot *churn;
 static int churn_window;
+static int churn_rate;            /* -R: commands per second, paced (0: each answer sends the next) */
+static int churn_idle;            /* paced: slot 0 waits for its time */
+static int64_t churn_next_ns;
 static unsigned churn_calls;
 static uint64_t churn_done, churn_errors;
 static uint32_t *churn_hist;
@@ -219,7 +222,22 @@ static void churn_receive(void)
             c->stage = 0;
             c->call = churn_calls++;
         }
-        churn_send(slot);
+        if (churn_rate)
+            churn_idle = 1;          /* churn_pace() sends it on time */
+        else
+            churn_send(slot);
+    }
+}
+
+/* Paced mode: one command at a time, churn_rate per second (a call centre's signalling, not a flood). */
+static void churn_pace(int64_t now)
+{
+    if (churn_rate && churn_idle && now >= churn_next_ns) {
+        churn_idle = 0;
+        churn_next_ns += 1000000000LL / churn_rate;
+        if (churn_next_ns < now)
+            churn_next_ns = now;
+        churn_send(0);
     }
 }
 
@@ -245,7 +263,7 @@ int main(int argc, char **argv)
     const char *ctl = NULL, *src_ip = "127.0.0.1";
     int n = 100, secs = 5, relay_pid = 0, no_query = 0, window = 0;
     int opt;
-    while ((opt = getopt(argc, argv, "c:n:t:p:qs:w:")) != -1) {
+    while ((opt = getopt(argc, argv, "c:n:t:p:qs:w:R:")) != -1) {
         switch (opt) {
         case 'c': ctl = optarg; break;
         case 'n': n = atoi(optarg); break;
@@ -254,9 +272,10 @@ int main(int argc, char **argv)
         case 'q': no_query = 1; break;
         case 's': src_ip = optarg; break;
         case 'w': window = atoi(optarg); break;
+        case 'R': churn_rate = atoi(optarg); break;
         default:
             fprintf(stderr, "usage: loadgen -c HOST:PORT -n SESSIONS -t SECONDS [-p PID] [-q] [-s SRC_IP] "
-                            "[-w CHURN_WINDOW]\n");
+                            "[-w CHURN_WINDOW] [-R CHURN_RATE]\n");
             return 2;
         }
     }
@@ -328,7 +347,10 @@ int main(int argc, char **argv)
 
     double cpu0 = cpu_seconds(relay_pid), idle0 = idle_cpu_seconds();
     int64_t wall0 = now_ns();
+    if (churn_rate > 0)
+        window = 1;
     if (window > 0) {
+        churn_next_ns = now_ns();
         churn_start(window);
         struct epoll_event ev = {.events = EPOLLIN, .data.u64 = UINT64_MAX};
         epoll_ctl(ep, EPOLL_CTL_ADD, churn_fd, &ev);
@@ -342,6 +364,8 @@ int main(int argc, char **argv)
         int64_t t = now_ns();
         if (t >= drain_end)
             break;
+        if (t < end && churn_fd >= 0)
+            churn_pace(t);
         if (t < end && t >= next_slot) {
             int lo = (int)((int64_t)n * slot / slots), hi = (int)((int64_t)n * (slot + 1) / slots);
             for (int i = lo; i < hi; i++) {
