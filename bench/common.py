@@ -93,6 +93,16 @@ def _udp_probe(ns: str | None, host: str, port: int, payload: bytes) -> bytes:
         os.close(own)
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM a relay and wait; SIGKILL if it hangs (bench must not import tests' helpers)."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _answers_v(ns: str | None, host: str, port: int, tries: int) -> bool:
     """Wait (0.1 s steps) until the relay answers V on its UDP control port."""
     for i in range(tries):
@@ -129,8 +139,7 @@ class OurRelay:
         return self.proc.pid
 
     def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        _stop(self.proc)
 
 
 def loadgen(port: int, sessions: int, seconds: int, pid: int, cpus: str = "0", no_query: bool = False,
@@ -169,9 +178,4 @@ class RtpEngine:
         return self.proc.pid
 
     def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _stop(self.proc)

@@ -8,6 +8,7 @@ import signal
 import socket
 from typing import Callable, Optional
 
+from rtpproxy import syscheck
 from rtpproxy.config import Config
 from rtpproxy.control.commands import Commands
 from rtpproxy.control.transports import StreamControl, UdpControl
@@ -60,14 +61,6 @@ def limit_capabilities(keep_net_admin: bool) -> None:
     data[0].effective = data[0].permitted = (1 << CAP_NET_ADMIN) if keep_net_admin else 0
     if libc.capset(ctypes.byref(header), data) != 0:
         raise OSError(ctypes.get_errno(), "capset: limiting capabilities after start-up")
-
-
-def _has_capabilities() -> bool:
-    try:
-        with open("/proc/self/status") as f:
-            return any(line.startswith("CapEff:") and int(line.split()[1], 16) for line in f)
-    except OSError:
-        return False
 
 
 def drop_privileges(user: str, group: Optional[str], keep_net_admin: bool = False) -> None:
@@ -159,7 +152,7 @@ class Daemon:
                 pid_written = True
             if cfg.user:
                 drop_privileges(cfg.user, cfg.group, keep_net_admin=firewall is not None)
-            elif os.getuid() != 0 and _has_capabilities():
+            elif os.getuid() != 0 and syscheck.effective_capabilities():
                 limit_capabilities(firewall is not None)     # a User= service: drop what start-up needed
             log.info("ready: %s engine (%d worker%s), control %s, media %s, ports %d-%d",
                      engine.name, getattr(engine, "workers", 1), "s" if getattr(engine, "workers", 1) > 1 else "",
@@ -208,7 +201,7 @@ class Daemon:
         from rtpproxy.firewall import MediaFirewall  # noqa: PLC0415
 
         cfg = self.cfg
-        reason = "--no-kernel" if cfg.kernel is False else kernel.kernel_reason(kernel.ip_forward_state(), True)
+        reason = "--no-kernel" if cfg.kernel is False else kernel.kernel_reason(syscheck.forwarding(), True)
         firewall = None
         if reason is None:
             try:
@@ -258,8 +251,6 @@ class Daemon:
 
     def _host_checks(self, firewall) -> None:
         """rtpproxy doctor's checks at start: logged; fatal with --strict-checks."""
-        from rtpproxy import syscheck  # noqa: PLC0415
-
         cfg = self.cfg
         findings = syscheck.evaluate(syscheck.gather(cfg.interfaces, cfg.peers), cfg.min_port, cfg.max_port,
                                      len(cfg.interfaces), cfg.kernel)

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from rtpproxy import nftmgr
+from rtpproxy import nftmgr, syscheck
 from rtpproxy.errors import NftError
 from rtpproxy.nftmgr import KernelFlow, NftLayout
 
@@ -48,11 +48,11 @@ def _canon(addr: Address) -> Address:
     return str(ipaddress.ip_address(addr[0])), addr[1]
 
 
-def kernel_reason(ip_forward: dict[str, str], nft_on: bool) -> Optional[str]:
+def kernel_reason(ip_forward: dict[str, int], nft_on: bool) -> Optional[str]:
     """Why the kernel tier cannot run on this host (None: it can). Pure, for doctor and start."""
     if not nft_on:
         return "--no-nft: the kernel tier lives in the daemon's nftables table"
-    if ip_forward.get("4") != "1":
+    if ip_forward.get("4") != 1:
         return "net.ipv4.ip_forward is 0: sysctl -w net.ipv4.ip_forward=1 (see doctor for what else that opens)"
     return None
 
@@ -64,11 +64,12 @@ class KernelTier:
         self.conntrack = conntrack
         self.clock = clock
         self._flows: dict[int, tuple[KernelFlow, ...]] = {}     # session key -> installed flows
+        self._sockets: set[Address] = set()                     # relay sockets of installed flows
         self._counts: dict[Address, SocketCount] = {}
         self._last_poll = 0.0
         self.failures = 0
         # Forwarding is per family: streams of a family the host does not forward stay in userspace.
-        self.families = {v for v, on in ip_forward_state().items() if on == "1"}
+        self.families = {v for v, on in syscheck.forwarding().items() if on == 1}
 
     # ---- per session -------------------------------------------------------------------------
     def sync(self, key: int, flows: Iterable[KernelFlow]) -> bool:
@@ -90,10 +91,13 @@ class KernelTier:
                       (new or old)[0].call_id, "update" if old and new else "add" if new else "remove", exc)
             if old:                             # unknown state: drop ours, the next change retries
                 self._flows.pop(key, None)
+                self._sockets.difference_update(_canon(sock) for f in old for sock in (f.a_local, f.b_local))
             return False
         for f in old:
             for sock in (f.a_local, f.b_local):
                 self._retire(sock)
+                self._sockets.discard(_canon(sock))
+        self._sockets.update(_canon(sock) for f in new for sock in (f.a_local, f.b_local))
         if new:
             self._flows[key] = new
         else:
@@ -114,12 +118,12 @@ class KernelTier:
     def remove(self, key: int) -> None:
         self.sync(key, ())
 
-    def installed(self, key: int) -> tuple[KernelFlow, ...]:
-        return self._flows.get(key, ())
+    def holds(self, key: int) -> bool:
+        """Session `key` has flows in the kernel."""
+        return key in self._flows
 
     def in_kernel(self, sock: Address) -> bool:
-        sock = _canon(sock)
-        return any(sock in (_canon(f.a_local), _canon(f.b_local)) for flows in self._flows.values() for f in flows)
+        return _canon(sock) in self._sockets
 
     def close_all(self) -> None:
         """Shutdown, X: every flow back to userspace in one transaction, entries deleted."""
@@ -127,6 +131,7 @@ class KernelTier:
             return
         count = self.flows
         self._flows.clear()
+        self._sockets.clear()
         try:
             self.nft.json(nftmgr.kernel_flush_commands(self.layout))
         except NftError as exc:
@@ -205,17 +210,6 @@ def _tuples(flows) -> list[tuple[Address, Address]]:
     out = []
     for f in flows:
         out += [(f.a, f.a_local), (f.b, f.b_local), (f.a_local, f.a), (f.b_local, f.b)]
-    return out
-
-
-def ip_forward_state() -> dict[str, str]:
-    out = {}
-    for v, path in (("4", "/proc/sys/net/ipv4/ip_forward"), ("6", "/proc/sys/net/ipv6/conf/all/forwarding")):
-        try:
-            with open(path) as f:
-                out[v] = f.read().strip()
-        except OSError:
-            out[v] = "?"
     return out
 
 

@@ -29,6 +29,7 @@ from rtpproxy.engine_api import (
     StreamConfig,
 )
 from rtpproxy.errors import NftError, PortsExhausted
+from rtpproxy.nftmgr import KernelFlow
 from rtpproxy.ports import PortPool, bind_pair, family_of
 from rtpproxy.sessions import Session, SessionTable, Side, remaining_ttl
 from rtpproxy.stats import Stats
@@ -153,7 +154,7 @@ class MediaService:
 
     def destroy(self, s: Session, reason: str) -> None:
         self.sessions.remove(s)
-        if self.kernel is not None:
+        if self.kernel is not None and self.kernel.holds(s.gen):
             self.kernel.poll(force=True)         # the latest kernel counts, then
             self.kernel.remove(s.gen)            # media back to the sockets before they close
         rtp = [self.counters(s, i) for i in (0, 1)]
@@ -217,7 +218,7 @@ class MediaService:
                 if self._pushed.get(sid) != cfg:
                     self.engine.stream_set(sid, cfg)
                     self._pushed[sid] = cfg
-        if any(latch.pre_latched(st) for side in s.sides if side.pair for st in (side.rtp, side.rtcp)):
+        if _has_prelatched(s):
             self._prelatched[id(s)] = s
         if self.kernel is not None:
             self.kernel.sync(s.gen, kernel_flows(s))
@@ -249,16 +250,21 @@ class MediaService:
         return changed
 
     # ---- counters: the engine's, plus what the kernel tier forwarded for the same socket -------
-    def _socket_of(self, sid: int):
+    def socket_of(self, sid: int) -> Optional[Address]:
+        """The local (address, port) of a call's engine entry (None: unknown or released)."""
         ref = self._streams.get(sid)
         if ref is None:
             return None
         side = ref.session.sides[ref.side]
         return (side.local_host, side.port + (1 if ref.rtcp else 0)) if side.pair else None
 
+    def _kernel_socket(self, sid: int) -> Optional[Address]:
+        """socket_of, when the kernel tier is on (its figures are kept per socket)."""
+        return self.socket_of(sid) if self.kernel is not None else None
+
     def stream_counters(self, sid: int) -> Counters:
         c = self.engine.counters(sid) if sid in self._pushed else Counters()
-        sock = self._socket_of(sid) if self.kernel is not None else None
+        sock = self._kernel_socket(sid)
         if sock is not None:
             packets, payload = self.kernel.counts(sock)
             if packets:
@@ -268,11 +274,11 @@ class MediaService:
     def last_activity(self, sid: int) -> float:
         """Monotonic seconds of the stream's last packet, in the engine or the kernel (0: none)."""
         best = self.engine.counters(sid).last_rx_ns / 1e9 if sid in self._pushed else 0.0
-        sock = self._socket_of(sid) if self.kernel is not None else None
+        sock = self._kernel_socket(sid)
         return max(best, self.kernel.last_active(sock)) if sock is not None else best
 
     def in_kernel(self, sid: int) -> bool:
-        sock = self._socket_of(sid) if self.kernel is not None else None
+        sock = self._kernel_socket(sid)
         return sock is not None and self.kernel.in_kernel(sock)
 
     def counters(self, s: Session, idx: int, rtcp: bool = False) -> Counters:
@@ -306,7 +312,7 @@ class MediaService:
         side = s.sides[ref.side]
         st = side.rtcp if ref.rtcp else side.rtp
         last_rx = self.engine.counters(ev.stream_id).last_rx_ns / 1e9
-        sock = self._socket_of(ev.stream_id) if self.kernel is not None else None
+        sock = self._kernel_socket(ev.stream_id)
         if sock is not None and ev.kind == EV_CANDIDATE:
             # The latched source may be talking through the kernel, unseen by the engine.
             last_rx = max(last_rx, self.kernel.last_active(sock, fresh=True))
@@ -368,7 +374,7 @@ class MediaService:
             if self._adopt(s):
                 self.push(s)
             self._prelatched.pop(key, None)
-            if any(latch.pre_latched(st) for side in s.sides if side.pair for st in (side.rtp, side.rtcp)):
+            if _has_prelatched(s):
                 self._prelatched[key] = s                # to the back of the queue
 
     def _lock_known_ssrcs(self) -> None:
@@ -424,12 +430,14 @@ class MediaService:
         self._free_ids.append(sid)
 
 
-def kernel_flows(s: Session) -> list:
+def _has_prelatched(s: Session) -> bool:
+    return any(latch.pre_latched(st) for side in s.sides if side.pair for st in (side.rtp, side.rtcp))
+
+
+def kernel_flows(s: Session) -> list[KernelFlow]:
     """The flows of s the kernel may forward: RTP and RTCP each once both parties are latched
     (symmetric, no SSRC lock: the kernel checks addresses only), on concrete local addresses
     of the parties' family."""
-    from rtpproxy.nftmgr import KernelFlow  # noqa: PLC0415
-
     callee_side, caller_side = s.sides          # side 1 receives from the caller, side 0 from the callee
     if callee_side.pair is None or caller_side.pair is None:
         return []

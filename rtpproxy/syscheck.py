@@ -201,6 +201,20 @@ def _read_int(path: Path, default: int = 0) -> int:
         return default
 
 
+def forwarding() -> dict[str, int]:
+    """IP forwarding per family ("4", "6"): what the kernel tier needs (doctor, daemon start)."""
+    return {"4": _read_int(SYSCTL / "net/ipv4/ip_forward"), "6": _read_int(SYSCTL / "net/ipv6/conf/all/forwarding")}
+
+
+def effective_capabilities() -> int:
+    """This process's effective capability mask (CapEff); 0 if it cannot be read."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1], 16) for line in f if line.startswith("CapEff:")), 0)
+    except OSError:
+        return 0
+
+
 def _ip_json(*args: str) -> tuple[Optional[list], str]:
     r = subprocess.run(["ip", "-j", *args], capture_output=True, text=True)
     if r.returncode != 0:
@@ -241,8 +255,8 @@ def gather(binds: Sequence[Bind], peers: Sequence[str], rpf_fails: Optional[int]
     f.rp_filter["all"] = _read_int(conf / "all/rp_filter")
     for ifname in set(f.interfaces.values()):
         f.rp_filter[ifname] = _read_int(conf / ifname / "rp_filter")
-    f.ip_forward = _read_int(SYSCTL / "net/ipv4/ip_forward")
-    f.ip6_forward = _read_int(SYSCTL / "net/ipv6/conf/all/forwarding")
+    fwd = forwarding()
+    f.ip_forward, f.ip6_forward = fwd["4"], fwd["6"]
     f.has_v6 = any(b.is_v6 for b in binds)
     nf = SYSCTL / "net/netfilter"
     if (nf / "nf_conntrack_max").exists():

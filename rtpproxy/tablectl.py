@@ -29,6 +29,7 @@ import time
 from typing import Callable, Optional
 
 from rtpproxy.mountreaper import unmount
+from rtpproxy.syscheck import effective_capabilities
 from rtpproxy.tablefmt import TableError
 from rtpproxy.tables import DIR, READ, Tables
 
@@ -95,12 +96,7 @@ def clean_stale(path: str) -> bool:
 
 def _can_mount() -> bool:
     CAP_SYS_ADMIN = 21
-    try:
-        with open("/proc/self/status") as f:
-            eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
-    except (OSError, StopIteration):
-        return os.geteuid() == 0
-    return bool(eff >> CAP_SYS_ADMIN & 1)
+    return bool(effective_capabilities() >> CAP_SYS_ADMIN & 1)
 
 
 class TableMount:

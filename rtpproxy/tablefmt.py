@@ -15,6 +15,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
+from rtpproxy.engine_api import WorkerStats
+
 Address = tuple[str, int]
 
 MAX_TABLE = 63                 # rtpengine's limit: table ids 0..63
@@ -193,22 +195,13 @@ def render_list(entries: Iterable[EntryView]) -> bytes:
 
 
 @dataclass(frozen=True)
-class WorkerView:
-    streams: int = 0
-    packets: int = 0
-    relayed: int = 0
-    drops: int = 0
-    errors: int = 0                     # events lost (ring full)
-
-
-@dataclass(frozen=True)
 class StatusView:
     table: int
     owner_pid: int
     engine: str
     kernel: str                         # "on" or "off (reason)"
     entries: tuple[EntryView, ...] = ()
-    workers: tuple[WorkerView, ...] = field(default_factory=tuple)
+    workers: tuple[WorkerStats, ...] = field(default_factory=tuple)   # the bound table's workers
 
 
 def render_status(st: StatusView) -> bytes:
@@ -224,12 +217,12 @@ def render_status(st: StatusView) -> bytes:
         ("Relayed", total("relayed")),
         ("Drops", total("drops")),
         ("Mismatched", total("mismatched")),
-        ("Errors", sum(w.errors for w in st.workers)),
+        ("Errors", sum(w.events_lost for w in st.workers)),                # events lost (ring full)
     ]
     text = "".join(f"{name + ':':<12} {value}\n" for name, value in lines)
     for i, w in enumerate(st.workers):
         text += (f"Worker {i}:    streams {w.streams}, packets {w.packets}, relayed {w.relayed}, "
-                 f"drops {w.drops}, errors {w.errors}\n")
+                 f"drops {w.dropped}, errors {w.events_lost}\n")
     return text.encode()
 
 

@@ -32,7 +32,6 @@ from rtpproxy.tablefmt import (
     EntryView,
     StatusView,
     TableError,
-    WorkerView,
     format_address,
     parse_entry_command,
     parse_table_command,
@@ -268,7 +267,7 @@ class Tables:
         log.info("table %d: entry %s deleted", entry.table, format_address(entry.local))
 
     def _session_entry(self, local: Address) -> bool:
-        return any(v.local == local for v in self._session_views(time.monotonic_ns()))
+        return any(self.service.socket_of(sid) == local for sid, _, _ in self.service.engine_entries())
 
     # ---- views ----------------------------------------------------------------------------
     def _counters_view(self, sid: int, now_ns: int, session: bool = False) -> dict:
@@ -280,14 +279,15 @@ class Tables:
     def _session_views(self, now_ns: int) -> list[EntryView]:
         views = []
         for sid, ref, cfg in self.service.engine_entries():
-            s, side, other = ref.session, ref.session.sides[ref.side], ref.session.sides[1 - ref.side]
-            if side.pair is None:
+            local = self.service.socket_of(sid)
+            if local is None:
                 continue
+            s, other = ref.session, ref.session.sides[1 - ref.side]
             off = 1 if ref.rtcp else 0
             forwarding = cfg.on_mismatch != MISMATCH_DROP and (not cfg.forward_until_ns
                                                                  or cfg.forward_until_ns > now_ns)
             views.append(EntryView(
-                local=(side.local_host, side.port + off),
+                local=local,
                 owner=f"call {s.call_id} tag {s.from_tag} side {ref.side} {'rtcp' if ref.rtcp else 'rtp'}",
                 expect=cfg.latched, mismatch=("forward until heard" if cfg.on_mismatch == MISMATCH_FORWARD_UNHEARD
                                               else "forward") if forwarding else "drop",
@@ -308,10 +308,7 @@ class Tables:
 
     def status(self, n: int) -> StatusView:
         engine = self.service.engine
-        workers: tuple[WorkerView, ...] = ()
-        if n == self.bound:
-            workers = tuple(WorkerView(w.streams, w.packets, w.relayed, w.dropped, w.events_lost)
-                            for w in engine.worker_stats())
+        workers = tuple(engine.worker_stats()) if n == self.bound else ()
         nworkers = getattr(engine, "workers", 1)
         return StatusView(table=n, owner_pid=os.getpid(),
                           engine=f"{engine.name}, {nworkers} worker{'s' if nworkers > 1 else ''}",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -54,6 +55,17 @@ def free_port_range(size: int = 40) -> int:
     raise RuntimeError("no free port range")
 
 
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    """Signal a daemon and wait for it; SIGKILL if it is still there after timeout."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Relay:
     """A daemon started as a subprocess with the given flags."""
 
@@ -96,13 +108,8 @@ class Relay:
         return self.client().send(command)
 
     def stop(self) -> int:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            stop_process(self.proc)
         self._log.close()
         return self.proc.returncode if self.proc else 0
 

@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 
+from conftest import stop_process
 from rtpproxy.config import parse_control
 from rtpproxy.control.client import ControlClient
 
@@ -104,11 +105,6 @@ class NsRelay:
         return (self.tmp / "relay.log").read_text(errors="replace")
 
     def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            stop_process(self.proc, sig)
         self.log.close()

@@ -3,13 +3,14 @@ import errno
 
 import pytest
 
+from rtpproxy.engine_api import WorkerStats
+
 from rtpproxy.tablefmt import (
     ANY,
     EntryCommand,
     EntryView,
     StatusView,
     TableError,
-    WorkerView,
     parse_entry_command,
     parse_table_command,
     render_list,
@@ -100,7 +101,8 @@ def test_status_sums_entries_and_lists_workers():
     entries = tuple(EntryView(("127.0.0.1", p), "manual", None, "forward", None, None, packets=10, bytes=1720,
                               relayed=9, drops=1) for p in (30000, 30002))
     text = render_status(StatusView(3, 1234, "c, 2 workers", "off (not enabled)", entries,
-                                    (WorkerView(1, 10, 9, 1, 0), WorkerView(1, 10, 9, 1, 2)))).decode()
+                                    (WorkerStats(streams=1, packets=10, relayed=9, dropped=1, events_lost=0),
+                                     WorkerStats(streams=1, packets=10, relayed=9, dropped=1, events_lost=2)))).decode()
     lines = dict(line.split(":", 1) for line in text.splitlines())
     assert lines["Table"].strip() == "3" and lines["Streams"].strip() == "2"
     assert lines["Packets"].strip() == "20" and lines["Bytes"].strip() == "3440"
