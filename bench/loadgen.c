@@ -44,6 +44,13 @@ static int64_t now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+static int64_t realtime_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
 static struct sockaddr_in ctl_addr, relay_addr;
 static int ctl_fd;
 static unsigned cookie_seq;
@@ -153,7 +160,7 @@ static double cpu_seconds(int pid)
 struct churn_slot {
     unsigned call;              /* call number of this slot's current cycle */
     int stage;                  /* 0 U, 1 L, 2 D */
-    int64_t sent_ns;
+    int64_t sent_ns;            /* CLOCK_REALTIME, the clock of the kernel's receive stamps */
 };
 
 static int churn_fd = -1;
@@ -179,7 +186,7 @@ static void churn_send(int slot)
     int n = c->stage == 2 ? snprintf(buf, sizeof(buf), fmt[2], getpid(), slot, seq, getpid(), c->call)
                           : snprintf(buf, sizeof(buf), fmt[c->stage], getpid(), slot, seq, getpid(), c->call,
                                      "127.0.0.1");
-    c->sent_ns = now_ns();
+    c->sent_ns = realtime_ns();
     sendto(churn_fd, buf, (size_t)n, 0, (struct sockaddr *)&ctl_addr, sizeof(ctl_addr));
 }
 
@@ -191,6 +198,10 @@ static void churn_start(int window)
     churn_fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
     int buf = 1 << 20;
     setsockopt(churn_fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof(buf));
+    /* Replies carry the kernel's arrival time: the latency is the relay's, not the time this
+     * process took to get round to the reply between media packets on its own core. */
+    int on = 1;
+    setsockopt(churn_fd, SOL_SOCKET, SO_TIMESTAMPNS, &on, sizeof(on));
     for (int i = 0; i < window; i++) {
         churn[i].call = churn_calls++;
         churn_send(i);
@@ -201,11 +212,25 @@ static void churn_start(int window)
 static void churn_receive(void)
 {
     char in[2048];
+    union {
+        char buf[CMSG_SPACE(sizeof(struct timespec))];
+        struct cmsghdr align;
+    } anc;
     for (;;) {
-        ssize_t r = recv(churn_fd, in, sizeof(in) - 1, 0);
+        struct iovec iov = {.iov_base = in, .iov_len = sizeof(in) - 1};
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = anc.buf,
+                            .msg_controllen = sizeof(anc.buf)};
+        ssize_t r = recvmsg(churn_fd, &mh, 0);
         if (r < 0)
             return;
         in[r] = 0;
+        int64_t arrived = realtime_ns();
+        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
+            if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_TIMESTAMPNS) {
+                struct timespec ts;
+                memcpy(&ts, CMSG_DATA(cm), sizeof(ts));
+                arrived = (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+            }
         char *w = strstr(in, "_w"), *sp = strchr(in, ' ');
         if (!w || !sp)
             continue;
@@ -213,7 +238,9 @@ static void churn_receive(void)
         if (slot < 0 || slot >= churn_window)
             continue;
         struct churn_slot *c = &churn[slot];
-        int64_t us = (now_ns() - c->sent_ns) / 1000;
+        int64_t us = (arrived - c->sent_ns) / 1000;
+        if (us < 0)
+            us = 0;
         churn_hist[us < HIST_US ? us : HIST_US]++;
         churn_done++;
         if (sp[1] == 'E')

@@ -70,6 +70,7 @@ struct rp_worker {
     int wakefd;
     pthread_t thread;
     uint64_t epoch;                     /* odd while handling a batch of epoll events */
+    uint64_t grace_target;              /* rp_grace_begin: the epoch that ends the grace period */
     struct rp_worker_stats st;
     struct rp_ring ring;
     int64_t last_tick;
@@ -467,21 +468,34 @@ static void *worker_main(void *arg)
             silence_scan(w, now);
         }
         __atomic_fetch_add(&w->epoch, 1, __ATOMIC_ACQ_REL);        /* idle */
+        /* Offer the core to whatever else is runnable on it (the control thread, the SIP proxy):
+         * on a kernel without preemption a busy worker would otherwise keep it until the next
+         * scheduler tick (4 ms at HZ=250), and a U/L arriving meanwhile would wait that long.
+         * With nothing else runnable this returns at once; measured: no change in CPU/packet,
+         * U/L p99 under media 1.7-2.4 ms -> 0.6-0.9 ms with both threads on one core. */
+        if (n > 0)
+            sched_yield();
     }
     return NULL;
 }
 
-/* Wait until worker w can no longer hold a stale copy of any entry: wake it and
- * see it finish the batch that was (or might have been) in progress. */
+/* Wake worker w and return the epoch after which it can no longer hold a stale copy of any
+ * entry changed before this call: the end of the batch that was (or might have been) in progress. */
+static uint64_t worker_wake_target(struct rp_worker *w)
+{
+    uint64_t start = __atomic_load_n(&w->epoch, __ATOMIC_ACQUIRE);
+    uint64_t one = 1;
+    ssize_t r = write(w->wakefd, &one, sizeof(one));
+    (void)r;
+    return (start & 1) ? start + 1 : start + 2;
+}
+
+/* Wait until worker w can no longer hold a stale copy of any entry. */
 static void worker_quiesce(struct rp_worker *w)
 {
     if (!w->eng->running)
         return;
-    uint64_t start = __atomic_load_n(&w->epoch, __ATOMIC_ACQUIRE);
-    uint64_t target = (start & 1) ? start + 1 : start + 2;
-    uint64_t one = 1;
-    ssize_t r = write(w->wakefd, &one, sizeof(one));
-    (void)r;
+    uint64_t target = worker_wake_target(w);
     while ((int64_t)(__atomic_load_n(&w->epoch, __ATOMIC_ACQUIRE) - target) < 0) {
         if (__atomic_load_n(&w->eng->stopping, __ATOMIC_ACQUIRE))
             return;
@@ -704,6 +718,28 @@ static int stream_remove(struct rp_engine *e, uint32_t id, int wait)
 int rp_stream_del(struct rp_engine *e, uint32_t id) { return stream_remove(e, id, 1); }
 
 int rp_stream_retire(struct rp_engine *e, uint32_t id) { return stream_remove(e, id, 0); }
+
+int rp_grace_begin(struct rp_engine *e)
+{
+    pthread_mutex_lock(&e->ctl);
+    if (e->running)
+        for (unsigned i = 0; i < e->nworkers; i++)
+            e->workers[i].grace_target = worker_wake_target(&e->workers[i]);
+    pthread_mutex_unlock(&e->ctl);
+    return 0;
+}
+
+int rp_grace_passed(struct rp_engine *e)
+{
+    if (!e->running || __atomic_load_n(&e->stopping, __ATOMIC_ACQUIRE))
+        return 1;
+    for (unsigned i = 0; i < e->nworkers; i++) {
+        struct rp_worker *w = &e->workers[i];
+        if ((int64_t)(__atomic_load_n(&w->epoch, __ATOMIC_ACQUIRE) - w->grace_target) < 0)
+            return 0;
+    }
+    return 1;
+}
 
 int rp_quiesce(struct rp_engine *e)
 {

@@ -10,12 +10,13 @@
  *  - Python opens, binds and closes sockets; C only uses the fds it is given;
  *  - rp_stream_set / rp_stream_del return only once no worker can still be
  *    using an fd the call replaced or removed, so Python may close it then
- *    (rp_stream_retire + rp_quiesce: the same guarantee, one wait for many);
+ *    (rp_stream_retire + rp_quiesce: the same guarantee, one wait for many;
+ *    rp_stream_retire + rp_grace_begin/rp_grace_passed: the same, with no wait);
  *  - any change to a struct below bumps RP_ABI_VERSION (checked at import and
  *    by tests/test_abi.py with ffi.sizeof/offsetof).
  */
 
-#define RP_ABI_VERSION 4
+#define RP_ABI_VERSION 5
 
 /* An endpoint. family is 0 (none), 2 (AF_INET) or 10 (AF_INET6); port in host
  * byte order; ip holds 4 (IPv4) or 16 (IPv6) bytes in network order. */
@@ -120,6 +121,11 @@ int rp_stream_del(struct rp_engine *, uint32_t id);
  * retired entries). */
 int rp_stream_retire(struct rp_engine *, uint32_t id);
 int rp_quiesce(struct rp_engine *);
+/* The same guarantee without waiting: rp_grace_begin wakes every worker and notes where each must
+ * get to; once rp_grace_passed returns 1, fds of entries retired before the begin may be closed.
+ * One grace period at a time (a new begin replaces the previous one). */
+int rp_grace_begin(struct rp_engine *);
+int rp_grace_passed(struct rp_engine *);
 struct rp_counters *rp_counters(struct rp_engine *);
 int rp_counters_reset(struct rp_engine *, uint32_t id);
 int rp_event_fd(struct rp_engine *);

@@ -20,7 +20,7 @@ from rtpproxy.service import MediaService
 log = logging.getLogger("rtpproxy")
 
 TICK_S = 1.0
-ADOPT_S = 0.1          # pre-latched streams are adopted in small steps this often (service.adopt_step)
+PERIOD_S = 0.1         # deferred work (timeouts, closing sockets, adoption) is looked at this often
 
 
 def _sd_notify(message: str) -> None:
@@ -263,15 +263,18 @@ class Daemon:
             raise ConfigError("--strict-checks", "the host checks found errors (see above, or run rtpproxy doctor)")
 
     async def _tick(self, svc: MediaService) -> None:
-        steps = round(TICK_S / ADOPT_S)
+        steps = round(TICK_S / PERIOD_S)
         n = 0
         while True:
-            await asyncio.sleep(ADOPT_S)
+            await asyncio.sleep(PERIOD_S)
             n += 1
             try:
-                svc.adopt_step()                   # small and often: no burst at a mass media start
+                svc.new_period()
                 if n % steps == 0:
                     svc.tick()
+                # Slices with the loop's I/O in between: a command waits for a slice, not a batch.
+                while svc.background_slice():
+                    await asyncio.sleep(0)
             except Exception:                      # a bug in one tick must not stop timeouts for good
                 log.exception("timer tick failed")
             if n % steps == 0 and svc.draining and not len(svc.sessions):

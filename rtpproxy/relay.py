@@ -133,6 +133,12 @@ class CEngine:
     def quiesce(self) -> None:
         self._lib.rp_quiesce(self._eng)
 
+    def grace_begin(self) -> None:
+        self._lib.rp_grace_begin(self._eng)
+
+    def grace_passed(self) -> bool:
+        return bool(self._lib.rp_grace_passed(self._eng))
+
     def counters(self, stream_id: int) -> Counters:
         c = self._counters[stream_id]
         return Counters(c.packets, c.bytes, c.relayed, c.dropped, c.mismatched, c.last_rx_ns,

@@ -126,6 +126,12 @@ class PyEngine:
     def quiesce(self) -> None:
         pass
 
+    def grace_begin(self) -> None:
+        pass
+
+    def grace_passed(self) -> bool:
+        return True
+
     def stream_del(self, stream_id: int) -> None:
         slot = self._slots.pop(stream_id, None)
         if slot is None:

@@ -37,8 +37,14 @@ from rtpproxy.stats import Stats
 log = logging.getLogger("rtpproxy.sessions")
 
 REFUSED_LOG_INTERVAL = 10.0      # seconds between "refused source" log lines of one session
-LIMBO_MAX = 256                  # ended sessions' socket pairs held before a quiesce closes them
-ADOPT_PER_STEP = 50              # pre-latched sessions looked at per adopt_step (10 per second)
+LIMBO_MAX = 1024                 # ended sessions' socket pairs held at most before D closes them itself
+ADOPT_PER_PERIOD = 50            # pre-latched sessions looked at per period (new_period(), 10 per second)
+# Deferred work runs in slices of at most this much (background_slice): a control command that
+# arrives meanwhile waits for one slice, never for a whole batch (measured: a 50-session adoption
+# step held the control thread ~2 ms, closing a second's retired sockets ~0.7 ms).
+SLICE_ADOPT = 2                  # sessions adopted (~40-140 us each)
+SLICE_CLOSE = 16                 # retired pairs closed (~9 us each: two sockets)
+SLICE_EXPIRE = 8                 # timed-out sessions ended
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,12 @@ class MediaService:
         self._prelatched: dict[int, Session] = {}                 # sessions with streams latch.pre_latched
         self._deadlines: list[tuple[float, int, int, Session]] = []   # (when to look again, order, gen, session)
         self._order = itertools.count()
-        self._limbo: list = []               # pairs of ended sessions, closed after the next quiesce
+        # Pairs of ended sessions go limbo -> grace (a grace period runs in the engine) -> closable
+        # (no worker can still use them) -> closed a slice at a time; nothing waits for a worker.
+        self._limbo: list = []
+        self._grace: list = []
+        self._closable: list = []
+        self._adopt_budget = ADOPT_PER_PERIOD
 
     # ---- ports and sides --------------------------------------------------
     def open_side(self, s: Session, idx: int, bind: Bind) -> None:
@@ -111,12 +122,13 @@ class MediaService:
             pair.close()
 
     def close_retired(self) -> None:
-        """One wait for every worker covers all the entries retired since the last call."""
-        if self._limbo:
-            self.engine.quiesce()
-            for pair in self._limbo:
+        """Close every retired pair now (shutdown, or a limbo that outgrew LIMBO_MAX)."""
+        if self._limbo or self._grace:
+            self.engine.quiesce()                # one wait for every worker covers all of them
+        for pairs in (self._closable, self._grace, self._limbo):
+            for pair in pairs:
                 pair.close()
-            self._limbo.clear()
+            pairs.clear()
 
     # ---- sessions ---------------------------------------------------------
     def new_session(self, call_id: str, from_tag: str, to_tag: Optional[str]) -> Session:
@@ -339,15 +351,51 @@ class MediaService:
 
     # ---- timers -------------------------------------------------------------
     def tick(self) -> None:
-        """Once a second: time out idle sessions. (Update windows close in the engine by themselves:
-        entries carry their deadline, so the end of a window costs no call.)"""
+        """Once a second: keep firewall holes alive, read the kernel's counters, lock SSRCs.
+        (Timeouts, closing sockets and adoption are background_slice()'s; update windows close
+        in the engine by themselves: entries carry their deadline.)"""
+        if self.firewall is not None:
+            self.firewall.refresh()
+        if self.kernel is not None:
+            self.kernel.poll()
+        self._lock_known_ssrcs()
+
+    def new_period(self) -> None:
+        """Every 0.1 s (daemon): move retired pairs along their grace period, and the adoption
+        budget of the next period. The engine already forwards
+        pre-latched streams correctly; adopting a thousand calls at once would hold the control
+        thread (and a core it may share with a worker) for a burst the media would feel, while
+        50 per period still moves 500 calls a second into the kernel tier."""
+        self._adopt_budget = ADOPT_PER_PERIOD
+        if self._grace and self.engine.grace_passed():
+            self._closable += self._grace
+            self._grace = []
+        if self._limbo and not self._grace:
+            self.engine.grace_begin()            # passes once each worker has finished a batch
+            self._grace, self._limbo = self._limbo, []
+
+    def background_slice(self) -> bool:
+        """One slice of deferred work: close retired sockets, end timed-out sessions, adopt
+        pre-latched streams. True if it did something (call again: there may be more); the
+        daemon runs slices back to back with the event loop's I/O in between."""
+        if self._closable:
+            for pair in self._closable[-SLICE_CLOSE:]:
+                pair.close()
+            del self._closable[-SLICE_CLOSE:]
+            return True
+        return self._expire(SLICE_EXPIRE) or self._adopt_some(min(SLICE_ADOPT, self._adopt_budget))
+
+    def _expire(self, limit: int) -> bool:
+        """End up to limit sessions whose time is up. Only sessions whose deadline has come are
+        looked at: media keeps pushing a live session's deadline out, so a busy relay checks each
+        session about once per TTL."""
         now = self.clock()
-        # Only sessions whose deadline has come are looked at: media keeps pushing a live
-        # session's deadline out, so a busy relay checks each session about once per TTL.
-        while self._deadlines and self._deadlines[0][0] <= now:
+        looked = 0
+        while self._deadlines and self._deadlines[0][0] <= now and looked < limit:
             _, _, gen, s = heapq.heappop(self._deadlines)
             if s.gen != gen or not self.sessions.contains(s):
                 continue
+            looked += 1
             left = self.remaining(s)
             if left > 0:
                 heapq.heappush(self._deadlines, (now + left, next(self._order), gen, s))
@@ -355,27 +403,21 @@ class MediaService:
             if s.notify and self.on_timeout:
                 self.on_timeout(s)
             self.destroy(s, "timed out")
-        if self.firewall is not None:
-            self.firewall.refresh()
-        if self.kernel is not None:
-            self.kernel.poll()
-        self.close_retired()
-        self._lock_known_ssrcs()
+        return looked > 0
 
-    def adopt_step(self) -> None:
-        """Every 0.1 s (daemon): adopt what the engine accepted for a bounded number of sessions.
-        The engine already forwards these streams correctly; adopting a thousand calls at once
-        would hold the control thread (and a core it may share with a worker) for a burst the
-        media would feel, while 50 per step still moves 500 calls a second into the kernel tier."""
-        for key, s in list(itertools.islice(self._prelatched.items(), ADOPT_PER_STEP)):
+    def _adopt_some(self, limit: int) -> bool:
+        looked = 0
+        for key, s in list(itertools.islice(self._prelatched.items(), limit)):
+            looked += 1
+            self._prelatched.pop(key, None)
             if not self.sessions.contains(s):
-                del self._prelatched[key]
                 continue
             if self._adopt(s):
-                self.push(s)
-            self._prelatched.pop(key, None)
+                self.push(s)                             # (push queues it again if still pre-latched)
             if _has_prelatched(s):
                 self._prelatched[key] = s                # to the back of the queue
+        self._adopt_budget -= looked
+        return looked > 0
 
     def _lock_known_ssrcs(self) -> None:
         """Streams latched by signalling alone (strict) raise no event for their own packets, so

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.skipif(c_engine_available() is not None, reason="C engi
 
 def test_abi_version_matches():
     from rtpproxy import _relay
-    assert _relay.lib.rp_abi_version() == _relay.lib.RP_ABI_VERSION == 4
+    assert _relay.lib.rp_abi_version() == _relay.lib.RP_ABI_VERSION == 5
 
 
 def test_layouts():

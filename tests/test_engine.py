@@ -183,6 +183,30 @@ def test_delete_then_fd_reuse_goes_to_the_new_stream(rig):
         rig.engine.stream_del(8)
 
 
+def test_retired_fd_reuse_after_the_grace_period(rig):
+    """retire + grace_begin/grace_passed, the control thread's path: nothing waits, and once
+    the grace period has passed the old fd may be closed and its number reused at once."""
+    a_in, a_out, caller, dest_a, dest_b = (rig.sock() for _ in range(5))
+    rig.engine.stream_set(8, StreamConfig(a_in.fileno(), a_out.fileno(), latched=caller.getsockname(),
+                                          dst=dest_a.getsockname()))
+    rig.engine.stream_retire(8)
+    rig.engine.grace_begin()
+    deadline = time.monotonic() + 5
+    while not rig.engine.grace_passed():
+        assert time.monotonic() < deadline, "the grace period never passed"
+        time.sleep(0.001)
+    fd = a_in.fileno()
+    rig.socks.remove(a_in)
+    a_in.close()
+    b_in = rig.sock()
+    assert b_in.fileno() == fd
+    rig.engine.stream_set(9, StreamConfig(b_in.fileno(), a_out.fileno(), latched=caller.getsockname(),
+                                          dst=dest_b.getsockname()))
+    caller.sendto(b"y" * 30, b_in.getsockname())
+    rig.run()
+    assert rig.recv_all(dest_a) == [] and len(rig.recv_all(dest_b)) == 1
+
+
 def test_invalid_entries_are_refused(rig):
     with pytest.raises(EngineError):
         rig.engine.stream_set(10_000, StreamConfig(rig.sock().fileno()))
