@@ -99,7 +99,7 @@ struct rp_worker_stats {
     uint64_t events;            /* events queued */
     uint64_t events_lost;       /* events refused because the ring was full */
     uint32_t streams;           /* streams owned */
-    uint32_t reserved;
+    uint32_t control_yields;    /* times the core was yielded to a command (rp_engine_watch) */
 };
 
 struct rp_engine;
@@ -114,6 +114,10 @@ void rp_engine_free(struct rp_engine *);
 int rp_engine_start(struct rp_engine *);
 int rp_engine_stop(struct rp_engine *);
 int rp_engine_workers(struct rp_engine *);
+/* Workers yield the CPU as soon as fd (a control socket) becomes readable, so a command does not
+ * wait for a busy worker's time slice on a shared core. The engine never reads fd; closing it
+ * ends the watch. */
+int rp_engine_watch(struct rp_engine *, int fd);
 int rp_stream_set(struct rp_engine *, uint32_t id, const struct rp_stream *);
 int rp_stream_del(struct rp_engine *, uint32_t id);
 /* Deferred deletion, for the control path: rp_stream_retire removes the entry without waiting;

@@ -140,6 +140,8 @@ class Daemon:
             engine.start(loop, svc.on_events)
             for u in udp:
                 u.start(loop)
+            for fd in [fd for c in (*udp, *streams) for fd in c.watched_fds()]:
+                engine.watch(fd)                   # a worker sharing our core yields it to a command
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
                 loop.add_signal_handler(sig, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self._drain)

@@ -72,6 +72,7 @@ class WorkerStats:
     events: int = 0
     events_lost: int = 0
     streams: int = 0
+    control_yields: int = 0      # the worker gave its core to a waiting command (engine.watch)
 
 
 EventSink = Callable[[Sequence[Event]], None]
@@ -89,6 +90,7 @@ class Engine(Protocol):
     def stream_del(self, stream_id: int) -> None: ...
     def stream_retire(self, stream_id: int) -> None: ...     # fds closable after the next quiesce()
     def quiesce(self) -> None: ...
+    def watch(self, fd: int) -> None: ...                      # a control socket: yield the core to it
     def grace_begin(self) -> None: ...                         # quiesce() without the wait:
     def grace_passed(self) -> bool: ...                        # fds retired before begin closable once True
     def counters(self, stream_id: int) -> Counters: ...

@@ -133,6 +133,10 @@ class CEngine:
     def quiesce(self) -> None:
         self._lib.rp_quiesce(self._eng)
 
+    def watch(self, fd: int) -> None:
+        """Workers yield their core when fd (a control socket) becomes readable."""
+        _check(self._lib.rp_engine_watch(self._eng, fd), "rp_engine_watch")
+
     def grace_begin(self) -> None:
         self._lib.rp_grace_begin(self._eng)
 
@@ -150,7 +154,7 @@ class CEngine:
         for i in range(self.workers):
             _check(self._lib.rp_worker_stats(self._eng, i, st), "rp_worker_stats")
             out.append(WorkerStats(st.wakeups, st.packets, st.relayed, st.dropped, st.events,
-                                   st.events_lost, st.streams))
+                                   st.events_lost, st.streams, st.control_yields))
         return out
 
 

@@ -126,6 +126,9 @@ class PyEngine:
     def quiesce(self) -> None:
         pass
 
+    def watch(self, fd: int) -> None:
+        pass                                 # packets are handled on the control thread itself
+
     def grace_begin(self) -> None:
         pass
 

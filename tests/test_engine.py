@@ -207,6 +207,24 @@ def test_retired_fd_reuse_after_the_grace_period(rig):
     assert rig.recv_all(dest_a) == [] and len(rig.recv_all(dest_b)) == 1
 
 
+def test_a_watched_control_socket_keeps_every_command(rig):
+    """engine.watch(control socket): workers yield their core when a command arrives, and never
+    take it: the control thread still reads every datagram, media keeps flowing."""
+    control, client = rig.sock(), rig.sock()
+    rig.engine.watch(control.fileno())
+    a_in, a_out, caller, dest = (rig.sock() for _ in range(4))
+    rig.engine.stream_set(3, StreamConfig(a_in.fileno(), a_out.fileno(), latched=caller.getsockname(),
+                                          dst=dest.getsockname()))
+    for i in range(3):
+        client.sendto(b"cookie%d V" % i, control.getsockname())
+        caller.sendto(rtp_packet(i), a_in.getsockname())
+        rig.run(0.05)
+    assert [d for d, _src in rig.recv_all(control)] == [b"cookie0 V", b"cookie1 V", b"cookie2 V"]
+    assert len(rig.recv_all(dest)) == 3
+    if rig.engine.name == "c":
+        assert sum(w.control_yields for w in rig.engine.worker_stats()) >= 3   # both workers watch
+
+
 def test_invalid_entries_are_refused(rig):
     with pytest.raises(EngineError):
         rig.engine.stream_set(10_000, StreamConfig(rig.sock().fileno()))

@@ -52,6 +52,10 @@ class UdpControl:
         self._loop = loop
         loop.add_reader(self.sock.fileno(), self._readable)
 
+    def watched_fds(self) -> list[int]:
+        """Sockets whose readability means a command is waiting (engine.watch)."""
+        return [self.sock.fileno()]
+
     def close(self) -> None:
         if self._loop is not None:
             self._loop.remove_reader(self.sock.fileno())
@@ -128,6 +132,13 @@ class StreamControl:
             self._stdio_task = asyncio.get_running_loop().create_task(self._stdio())
         else:
             raise ValueError(k)
+
+    def watched_fds(self) -> list[int]:
+        """unix mode (Kamailio's): one connection per command, so the listening socket's readability
+        is a command arriving. Long-lived cunix/tcp/stdio connections are not watched."""
+        if self.spec.kind != "unix" or self._server is None:
+            return []
+        return [s.fileno() for s in self._server.sockets]
 
     async def close(self) -> None:
         if self._server is not None:
