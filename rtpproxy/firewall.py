@@ -1,7 +1,8 @@
 """Keeps the nft sets equal to the media sockets of live sessions (issue: per-call holes).
 
 Every socket pair a session binds is opened before the U/L reply leaves and closed when the
-session ends; elements are refreshed while the call lives so that only a dead daemon's
+session ends (in nft at the next flush_closes(), one transaction for all closes of a 0.1 s
+period, so D itself does no nft work); elements are refreshed while the call lives so that only a dead daemon's
 leftovers expire. Failures are logged with the call-id and counted; with `required` they are
 raised so the command is refused.
 """
@@ -28,6 +29,7 @@ class MediaFirewall:
         self.nft = nft or nftmgr.Nft()
         self.clock = clock
         self._open: dict[tuple[str, int], tuple[str, float]] = {}   # (host, port) -> (call-id, refreshed)
+        self._closing: dict[tuple[str, int], str] = {}              # closed, still in nft -> call-id
         self.failures = 0
         self._last_pass = 0.0
 
@@ -49,6 +51,7 @@ class MediaFirewall:
                            "standalone table (no --nft-chain)")
         self.nft.text(nftmgr.setup_text(self.layout, handles))
         self._open.clear()
+        self._closing.clear()
         log.info("nft: %s %s ready (elements expire after %ds)", self.layout.family, self.layout.table_name,
                  self.layout.element_timeout)
 
@@ -58,6 +61,7 @@ class MediaFirewall:
             return                           # the admin's table is gone, and ours with it
         self.nft.text(nftmgr.removal_text(self.layout, handles))
         self._open.clear()
+        self._closing.clear()
 
     # ---- per call ---------------------------------------------------------------
     def open(self, call_id: str, sockets: Iterable[tuple[str, int]]) -> None:
@@ -74,27 +78,43 @@ class MediaFirewall:
         now = self.clock()
         for e in elements:
             self._open[(e.host, e.port)] = (call_id, now)
+            self._closing.pop((e.host, e.port), None)      # open again before its delete went out
 
     def close(self, sockets: Iterable[tuple[str, int]]) -> None:
-        keys = [k for k in sockets if k in self._open]
-        if not keys:
-            return
-        call_id = self._open[keys[0]][0]
-        for k in keys:
-            del self._open[k]
+        """Forget these holes now; flush_closes() deletes them from nft. (A delete transaction,
+        ~0.1 ms alone, sometimes sleeps in the kernel under media load, and a control thread
+        that sleeps on a core shared with a worker gets it back only after the worker's slice.)"""
+        for k in sockets:
+            entry = self._open.pop(k, None)
+            if entry is not None:
+                self._closing[k] = entry[0]
+
+    def flush_closes(self) -> bool:
+        """Delete every hole closed since the last call, in one transaction. True if there were any."""
+        if not self._closing:
+            return False
+        closing, self._closing = self._closing, {}
         try:
-            self.nft.json(nftmgr.element_commands(self.layout, "delete", [Element(h, p) for h, p in keys]))
-        except NftError as exc:
-            self.failures += 1
-            log.error("[%s] nft: cannot close %s (they expire within %ds): %s", call_id,
-                      ", ".join(f"{h}:{p}" for h, p in keys), self.layout.element_timeout, exc)
+            self.nft.json(nftmgr.element_commands(self.layout, "delete", [Element(h, p) for h, p in closing]))
+        except NftError:
+            # One missing element (expired, or deleted by hand) fails the whole transaction, and
+            # nft 1.0.6 has no `destroy element`: delete them one by one, naming the failures.
+            for (h, p), call_id in closing.items():
+                try:
+                    self.nft.json(nftmgr.element_commands(self.layout, "delete", [Element(h, p)]))
+                except NftError as exc:
+                    self.failures += 1
+                    log.error("[%s] nft: cannot close %s:%s (it expires within %ds): %s", call_id, h, p,
+                              self.layout.element_timeout, exc)
+        return True
 
     def close_all(self) -> None:
         """Close every open media socket in one transaction (X, shutdown)."""
-        if not self._open:
+        if not self._open and not self._closing:
             return
         count = len(self._open)
         self._open.clear()
+        self._closing.clear()                # the flush takes them too
         try:
             self.nft.json(nftmgr.flush_commands(self.layout))
         except NftError as exc:
@@ -128,6 +148,7 @@ class MediaFirewall:
 
     def drift(self) -> tuple[int, int, int]:
         """(live elements, missing from nft, stale in nft) against what the sessions hold."""
+        self.flush_closes()
         listing = self.nft.list_table(self.layout.family, self.layout.table_name) or {}
         live = {(_canon(e.host), e.port) for e in nftmgr.parse_elements(listing, self.layout)}
         want = {(_canon(h), p) for h, p in self._open}

@@ -375,9 +375,11 @@ class MediaService:
             self._grace, self._limbo = self._limbo, []
 
     def background_slice(self) -> bool:
-        """One slice of deferred work: close retired sockets, end timed-out sessions, adopt
+        """One slice of deferred work: close firewall holes and retired sockets, end timed-out sessions, adopt
         pre-latched streams. True if it did something (call again: there may be more); the
         daemon runs slices back to back with the event loop's I/O in between."""
+        if self.firewall is not None and self.firewall.flush_closes():
+            return True                          # holes of ended calls: first, one transaction
         if self._closable:
             for pair in self._closable[-SLICE_CLOSE:]:
                 pair.close()

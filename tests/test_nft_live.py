@@ -100,7 +100,7 @@ def test_ports_open_exactly_while_the_call_lives(hosts, tmp_path):
         assert not arrives(spare, peer, SPARE)                 # still only the call's ports
 
         assert relay.cmd("D call-7@peer ft") == "0"
-        assert elements(relay_ns) == []
+        assert wait_for(lambda: elements(relay_ns) == [], 2)    # deleted in nft by the next 0.1 s period
         drops = counter(relay_ns, "rtpproxy: media port outside any call")
         peer.sendto(rtp_packet(9), (RELAY_IP, LO))
         assert wait_for(lambda: counter(relay_ns, "rtpproxy: media port outside any call") > drops, 3)
@@ -172,7 +172,7 @@ def test_thousand_sessions_tracked_exactly(hosts, tmp_path):
             "nft_open=4000 nft_live=4000 nft_missing=0 nft_stale=0 nft_failures=0"
         for i in range(0, 1000, 2):
             assert client.send(f"D bulk-{i} ft tt") == "0"
-        assert len(elements(relay_ns)) == 2000
+        assert wait_for(lambda: len(elements(relay_ns)) == 2000, 2)
         assert relay.cmd("X") == "0"
         assert elements(relay_ns) == []
         print(f"\n2000 U/L with nft over a unix socket (one connection each): {setup:.2f} s")
@@ -219,7 +219,7 @@ def test_u_keeps_exactly_cap_net_admin_for_nft(hosts, tmp_path):
         assert relay.cmd(f"U capcall {PEER_IP} 5000 ft;1").split()[0] == str(LO)
         assert [e["comment"] for e in elements(relay_ns)] == ["capcall", "capcall"]
         assert relay.cmd("D capcall ft") == "0"
-        assert elements(relay_ns) == []
+        assert wait_for(lambda: elements(relay_ns) == [], 2)
         assert "cannot open" not in (tmp_path / "relay.log").read_text()
     finally:
         relay.stop()
@@ -246,7 +246,8 @@ def test_new_port_on_another_interface_closes_the_old_holes(hosts, tmp_path):
         assert first[1] == RELAY_IP
         moved = relay.cmd(f"UnL{{lab}} move-1 {PEER_IP} 5000 ft;1").split()
         assert moved[1] == "10.77.0.3"
-        assert sorted((e["val"]["concat"][0], e["val"]["concat"][1]) for e in elements(relay_ns)) == \
-            [("10.77.0.3", int(moved[0])), ("10.77.0.3", int(moved[0]) + 1)]
+        want = [("10.77.0.3", int(moved[0])), ("10.77.0.3", int(moved[0]) + 1)]
+        assert wait_for(lambda: sorted((e["val"]["concat"][0], e["val"]["concat"][1])
+                                       for e in elements(relay_ns)) == want, 2), elements(relay_ns)
     finally:
         relay.stop()
