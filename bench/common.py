@@ -121,7 +121,7 @@ class OurRelay:
                  ns: str | None = None, host: str = "127.0.0.1"):
         self.port = free_udp_port()
         self.ns, self.host = ns, host
-        nft = ("--nft",) if "--kernel" in extra else ("--no-nft",)
+        nft = ("--nft",) if "--kernel" in extra else () if "--nft" in extra else ("--no-nft",)
         self.args = [*_in_ns(ns), "taskset", "-c", cpus, sys.executable, "-m", "rtpproxy", "run", "-F", *nft,
                      "--table", "-1", "-d", "WARN", "-l", host, "-s", f"udp:{host}:{self.port}", "-m", "20000",
                      "-M", "29999", "--backend", backend, "--workers", str(workers), *extra]
