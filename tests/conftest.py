@@ -207,6 +207,16 @@ def peers():
         p.close()
 
 
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Can another program bind this UDP port (has the relay let go of its socket)?"""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

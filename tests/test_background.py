@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 
 import pytest
 
+from conftest import port_is_free
 from rtpproxy.config import Config
 from rtpproxy.control.commands import Commands, Context
 from rtpproxy.interfaces import parse_one
@@ -72,15 +72,6 @@ def rig(backend):
     r.close()
 
 
-def bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -104,11 +95,11 @@ def test_ended_calls_free_their_ports_and_descriptors(rig):
     before = open_fds()
     ports = [p for n in range(CALLS) for p in rig.call(n)]
     assert open_fds() == before + 4 * CALLS               # RTP + RTCP on each side
-    assert not any(bindable(p) for p in ports)
+    assert not any(port_is_free(p) for p in ports)
     for n in range(CALLS):
         assert rig.cmd(f"D call{n} ft{n} tt{n}") == "0"
     periods = rig.run_periods()
     assert periods <= 5                                   # a grace period is a worker batch, not seconds
     assert open_fds() == before
-    assert all(bindable(p) and bindable(p + 1) for p in ports)
+    assert all(port_is_free(p) and port_is_free(p + 1) for p in ports)
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import Peer, Talker, rtp_packet, ssrc_of, wait_for
+from conftest import Peer, Talker, port_is_free, rtp_packet, ssrc_of, wait_for
 
 WINDOW = "1"        # --update-window for latching tests; rtpproxy's 10 s would only make them slow
 
@@ -226,13 +226,6 @@ def test_deleted_session_releases_ports_and_streams(make_relay, backend, peers):
     stream(a, p1, 3)
     assert b.drain(0.2) == []
     assert "active streams: 0" in relay.cmd("I")
-    # The relay lets go of the sockets within a second (D answers without waiting for the
-    # engine's workers; the next timer tick closes what ended since, after one wait for all).
-    def free(p):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            try:
-                s.bind(("127.0.0.1", p))
-                return True
-            except OSError:
-                return False
-    assert wait_for(lambda: all(free(p) for p in (p0, p0 + 1, p1, p1 + 1)), timeout=2.5)
+    # The relay lets go of the sockets within a fraction of a second (D answers without waiting
+    # for the engine's workers; they close once a grace period shows no worker can use them).
+    assert wait_for(lambda: all(port_is_free(p) for p in (p0, p0 + 1, p1, p1 + 1)), timeout=2.5)
