@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Optional
 from rtpproxy import nftmgr
 from rtpproxy.errors import NftError
 from rtpproxy.nftmgr import Element, NftLayout
+from rtpproxy.nftnl import ElementWriter
 
 log = logging.getLogger("rtpproxy.nft")
 
@@ -30,6 +31,7 @@ class MediaFirewall:
         self.clock = clock
         self._open: dict[tuple[str, int], tuple[str, float]] = {}   # (host, port) -> (call-id, refreshed)
         self._closing: dict[tuple[str, int], str] = {}              # closed, still in nft -> call-id
+        self._writer: Optional[ElementWriter] = None                # opens: raw netlink, ~25 µs not ~110
         self.failures = 0
         self._last_pass = 0.0
 
@@ -62,12 +64,17 @@ class MediaFirewall:
         self.nft.text(nftmgr.removal_text(self.layout, handles))
         self._open.clear()
         self._closing.clear()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     # ---- per call ---------------------------------------------------------------
     def open(self, call_id: str, sockets: Iterable[tuple[str, int]]) -> None:
         elements = [Element(h, p, call_id) for h, p in sockets]
         try:
-            self.nft.json(nftmgr.element_commands(self.layout, "add", elements))
+            if self._writer is None:
+                self._writer = ElementWriter(self.layout)
+            self._writer.add(elements)
         except NftError as exc:
             self.failures += 1
             log.error("[%s] nft: cannot open %s: %s", call_id,

@@ -251,3 +251,41 @@ def test_new_port_on_another_interface_closes_the_old_holes(hosts, tmp_path):
                                        for e in elements(relay_ns)) == want, 2), elements(relay_ns)
     finally:
         relay.stop()
+
+
+WRITE_ELEMENTS = """
+import sys
+from rtpproxy import nftmgr
+from rtpproxy.errors import NftError
+from rtpproxy.nftmgr import Element, NftLayout
+from rtpproxy.nftnl import ElementWriter
+layout = NftLayout(min_port=41000, max_port=41009)
+nftmgr.Nft().text(nftmgr.setup_text(layout, []))
+ElementWriter(layout).add([Element("10.77.0.1", 41000, "call-a@x"), Element("10.77.0.1", 41001, "call-a@x"),
+                           Element("fd00::1", 41002, "v6"), Element("0.0.0.0", 41004, "wild"),
+                           Element("::", 41006, "x" * 200)])
+try:
+    ElementWriter(NftLayout(table="nosuch")).add([Element("10.77.0.1", 41000, "c")])
+except NftError as exc:
+    print(exc)
+"""
+
+
+def test_raw_element_writes_read_back_like_nfts_own(hosts):
+    """The per-call open (nftnl.ElementWriter, raw nfnetlink) writes the elements `nft` itself
+    would: the right set per family and bind, the call-id comment (cut to nft's limit), the
+    timeout; and a refusal names the kernel's reason."""
+    relay_ns, _ = hosts
+    out = relay_ns.run(sys.executable, "-c", WRITE_ELEMENTS).stdout
+    assert "inet nosuch: No such file or directory" in out
+    by_set = {}
+    for obj in nft_json(relay_ns, "table", "inet", "rtpproxy")["nftables"]:
+        if "set" in obj:
+            by_set[obj["set"]["name"]] = [e["elem"] for e in obj["set"].get("elem", [])]
+    assert sorted((e["val"]["concat"][1], e["comment"]) for e in by_set["media4"]) == \
+        [(41000, "call-a@x"), (41001, "call-a@x")]
+    assert [(e["val"]["concat"], e["comment"]) for e in by_set["media6"]] == [(["fd00::1", 41002], "v6")]
+    assert [(e["val"], e["comment"]) for e in by_set["any4"]] == [(41004, "wild")]
+    assert [(e["val"], e["comment"]) for e in by_set["any6"]] == [(41006, "x" * 127)]
+    assert all(0 < e["expires"] <= 90 for elems in by_set.values() for e in elems)
+    relay_ns.run("nft", "delete", "table", "inet", "rtpproxy")
