@@ -7,8 +7,8 @@ loadgen (C, core 0) sets up --sessions calls and plays media through them; with 
 cycling U, L, D of its own short call. The relay runs on core 1. Each relay is run twice, media
 alone and media + commands, so the relay's CPU per command is the difference over the commands
 answered. A second pass paces the commands (--rate per second, one in flight) to read their
-latency at a signalling rate rather than at saturation, --repeat times per relay (p99 of a 10 s
-run moves a lot on a shared VM, so every run is shown). A reply's latency ends at the kernel's
+latency at a signalling rate rather than at saturation, --repeat runs of --paced-seconds per
+relay (the p99 of a short run moves a lot on a shared VM, so every run is shown). A reply's latency ends at the kernel's
 receive timestamp (SO_TIMESTAMPNS), not when loadgen gets round to it between media packets.
 Writes results/ctlrate.md.
 """
@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--rate", type=int, default=200, help="paced U/L/D per second for the latency row")
     ap.add_argument("--repeat", type=int, default=3, help="paced runs per relay")
+    ap.add_argument("--paced-seconds", type=int, default=30,
+                    help="length of a paced run: 6000 commands, so that one stall of the VM does not make the p99")
     args = ap.parse_args()
     relays = [("ours-c-1w", lambda: OurRelay("c", 1, "1"), True),
               # the packaged default: every call's ports opened and closed in nftables
@@ -58,9 +60,10 @@ def main() -> None:
     if shutil.which("rtpengine"):
         relays.append(("rtpengine-1t", lambda: RtpEngine(1, "1"), False))
     rows = [measure(label, f, args.sessions, args.seconds, args.window, q) for label, f, q in relays]
-    paced = [paced_latency(label, f, args.sessions, args.seconds, args.rate, q, args.repeat) for label, f, q in relays]
+    paced = [paced_latency(label, f, args.sessions, args.paced_seconds, args.rate, q, args.repeat)
+             for label, f, q in relays]
     lines = [f"# Control plane under media ({time.strftime('%Y-%m-%d')}, `python bench/ctlrate.py --sessions "
-             f"{args.sessions} --seconds {args.seconds} --window {args.window}`)", "",
+             f"{args.sessions} --seconds {args.seconds} --window {args.window} --repeat {args.repeat} --paced-seconds {args.paced_seconds}`)", "",
              "| relay | live sessions | U/L/D answered per s | relay µs CPU/command | p50 µs | p99 µs | error replies "
              "| media loss % | media p99 µs (alone) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -69,7 +72,7 @@ def main() -> None:
                      f"| {r['p50_us']} | {r['p99_us']} | {r['errors']} | {r['media_loss_pct']:.3f} "
                      f"| {r['media_p99_us']} ({r['media_p99_alone_us']}) |")
     lines += ["", f"Latency at a signalling rate ({args.rate} U/L/D per second, one at a time, same media load, "
-              f"{args.repeat} runs each):", "",
+              f"{args.repeat} runs of {args.paced_seconds} s each):", "",
               "| relay | live sessions | p50 µs per run | p99 µs per run | median p99 µs | error replies "
               "| media p99 µs per run |", "|---|---|---|---|---|---|---|"]
     for r in paced:

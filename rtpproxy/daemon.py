@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -162,6 +163,11 @@ class Daemon:
                      ", ".join((f"{b.name}/" if b.name else "") + b.host + (f"!{b.advertised}" if b.advertised else "")
                                for b in cfg.interfaces),
                      cfg.min_port, cfg.max_port)
+            # Everything alive now (modules, the CLI's and nft's objects) lives as long as we do: keep
+            # it out of every later collection, which otherwise scans it on each full pass
+            # (traced: a full pass held the control thread ~35 ms at 1000 calls).
+            gc.collect()
+            gc.freeze()
             _sd_notify("READY=1")
             if self.on_ready:
                 self.on_ready()
