@@ -23,6 +23,22 @@ def build(tool: str) -> Path:
     return out
 
 
+def host_probe() -> str:
+    """How fast and how steady this (virtual) machine is right now: five timings of a fixed loop
+    on each core. On a shared VM the host's load moves every number of a run; a report that carries
+    this line can be compared with another one (seen here: 0.12 s at rest; 0.15-0.3 s when
+    the host was busy, and then both relays' latency tails grew several-fold)."""
+    parts = []
+    for cpu in sorted(os.sched_getaffinity(0)):
+        out = subprocess.run(["taskset", "-c", str(cpu), sys.executable, "-c",
+                              "import time\nfor _ in range(5):\n t=time.perf_counter()\n"
+                              " x=0\n for i in range(3000000): x+=i\n print(time.perf_counter()-t)"],
+                             capture_output=True, text=True, check=True)
+        times = sorted(float(t) for t in out.stdout.split())
+        parts.append(f"core {cpu} {times[0]:.3f}/{times[2]:.3f}/{times[-1]:.3f} s")
+    return "host probe (3M-step Python loop, best/median/worst of 5): " + ", ".join(parts)
+
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ import argparse
 import shutil
 import time
 
-from common import HERE, OurRelay, RtpEngine, loadgen
+from common import HERE, OurRelay, RtpEngine, host_probe, loadgen
 
 
 def measure(label: str, factory, sessions: int, seconds: int, window: int, query: bool) -> dict:
@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--paced-seconds", type=int, default=30,
                     help="length of a paced run: 6000 commands, so that one stall of the VM does not make the p99")
     args = ap.parse_args()
+    probe_before = host_probe()
     relays = [("ours-c-1w", lambda: OurRelay("c", 1, "1"), True),
               # the packaged default: every call's ports opened and closed in nftables
               ("ours-c-1w-nft", lambda: OurRelay("c", 1, "1", ("--nft", "--no-kernel")), True)]
@@ -80,6 +81,7 @@ def main() -> None:
             return ", ".join(str(x[key]) for x in runs)
         lines.append(f"| {r['relay']} | {r['sessions']} | {each('churn_p50_us')} | {each('churn_p99_us')} "
                      f"| {r['p99_median']} | {r['errors']} | {each('lat_p99_us')} |")
+    lines += ["", f"Before: {probe_before}.", f"After: {host_probe()}."]
     text = "\n".join(lines) + "\n"
     out = HERE / "results" / "ctlrate.md"
     out.parent.mkdir(exist_ok=True)

@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import HERE, OurRelay, RtpEngine, Topology, loadgen
+from common import HERE, OurRelay, RtpEngine, Topology, host_probe, loadgen
 
 FULL_SWEEP = (100, 500, 1000, 1500, 2000, 3000)
 LOSS_LIMIT, P99_LIMIT_US = 0.1, 5000
@@ -162,6 +162,7 @@ def main() -> None:
     if args.smoke:
         args.sessions, args.seconds, args.kernel_sessions = [20], 2, [20]
     args.out.mkdir(parents=True, exist_ok=True)
+    probe_before = host_probe()
     rows = []
     for label, factory, query in relays(args.smoke):
         for n in args.sessions:
@@ -186,7 +187,8 @@ def main() -> None:
     md = (f"# Relay benchmark ({time.strftime('%Y-%m-%d')}, `{command}`)\n\n{table(rows)}\n\n"
           f"Capacity (most sessions at < {LOSS_LIMIT} % loss and p99 < {P99_LIMIT_US / 1000:.0f} ms): "
           + ", ".join(f"{lab} {capacity(rows, lab)}" for lab in dict.fromkeys(r["relay"] for r in rows))
-          + f"\n\nSummary: {line}\n" + kernel_section(krows))
+          + f"\n\nSummary: {line}\n" + kernel_section(krows)
+          + f"\nBefore: {probe_before}.\nAfter: {host_probe()}.\n")
     (args.out / "latest.md").write_text(md)
     (args.out / "latest.json").write_text(json.dumps(rows + krows, indent=1))
     has_plot = plot(rows, args.out / "latest.png")
