@@ -20,12 +20,13 @@ import socket
 import struct
 from typing import Iterable
 
+from rtpproxy.netlink import NLA_F_NESTED, nla
+
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_DELETE = 2
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLMSG_ERROR = 2
-NLA_F_NESTED = 0x8000
 CTA_TUPLE_ORIG = 1
 CTA_MARK, CTA_MARK_MASK = 8, 21
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
@@ -35,24 +36,19 @@ CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 Address = tuple[str, int]
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
-    return raw + b"\0" * (-len(raw) % 4)
-
-
 def delete_message(src: Address, dst: Address, seq: int) -> bytes:
     """One IPCTNL_MSG_CT_DELETE request for the UDP tuple src -> dst."""
     s_ip, d_ip = ipaddress.ip_address(src[0]), ipaddress.ip_address(dst[0])
     if s_ip.version != d_ip.version:
         raise ValueError(f"{src} and {dst} are of different families")
     v6 = s_ip.version == 6
-    ips = _attr(CTA_IP_V6_SRC if v6 else CTA_IP_V4_SRC, s_ip.packed) + \
-        _attr(CTA_IP_V6_DST if v6 else CTA_IP_V4_DST, d_ip.packed)
-    proto = _attr(CTA_PROTO_NUM, bytes([socket.IPPROTO_UDP])) + \
-        _attr(CTA_PROTO_SRC_PORT, struct.pack("!H", src[1])) + \
-        _attr(CTA_PROTO_DST_PORT, struct.pack("!H", dst[1]))
-    tuple_ = _attr(CTA_TUPLE_ORIG | NLA_F_NESTED,
-                   _attr(CTA_TUPLE_IP | NLA_F_NESTED, ips) + _attr(CTA_TUPLE_PROTO | NLA_F_NESTED, proto))
+    ips = nla(CTA_IP_V6_SRC if v6 else CTA_IP_V4_SRC, s_ip.packed) + \
+        nla(CTA_IP_V6_DST if v6 else CTA_IP_V4_DST, d_ip.packed)
+    proto = nla(CTA_PROTO_NUM, bytes([socket.IPPROTO_UDP])) + \
+        nla(CTA_PROTO_SRC_PORT, struct.pack("!H", src[1])) + \
+        nla(CTA_PROTO_DST_PORT, struct.pack("!H", dst[1]))
+    tuple_ = nla(CTA_TUPLE_ORIG | NLA_F_NESTED,
+                   nla(CTA_TUPLE_IP | NLA_F_NESTED, ips) + nla(CTA_TUPLE_PROTO | NLA_F_NESTED, proto))
     nfgen = struct.pack("!BBH", socket.AF_INET6 if v6 else socket.AF_INET, 0, 0)
     body = nfgen + tuple_
     header = struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
@@ -63,8 +59,8 @@ def delete_message(src: Address, dst: Address, seq: int) -> bytes:
 def flush_mark_message(mark: int, seq: int) -> bytes:
     """IPCTNL_MSG_CT_DELETE without a tuple but with a mark: deletes every entry (all families)
     carrying that mark."""
-    body = struct.pack("!BBH", socket.AF_UNSPEC, 0, 0) + _attr(CTA_MARK, struct.pack("!I", mark)) + \
-        _attr(CTA_MARK_MASK, struct.pack("!I", 0xFFFFFFFF))
+    body = struct.pack("!BBH", socket.AF_UNSPEC, 0, 0) + nla(CTA_MARK, struct.pack("!I", mark)) + \
+        nla(CTA_MARK_MASK, struct.pack("!I", 0xFFFFFFFF))
     header = struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
                          NLM_F_REQUEST | NLM_F_ACK, seq, 0)
     return header + body

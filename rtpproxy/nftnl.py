@@ -22,7 +22,9 @@ import struct
 from typing import Iterable
 
 from rtpproxy.errors import NftError
+from rtpproxy.netlink import NLA_F_NESTED, nla
 from rtpproxy.nftmgr import COMMENT_MAX, Element, NftLayout
+
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -30,7 +32,6 @@ NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 16, 17
 NFT_MSG_NEWSETELEM = 12
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
 NLMSG_ERROR = 2
-NLA_F_NESTED = 0x8000
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_TIMEOUT, NFTA_SET_ELEM_EXPIRATION, NFTA_SET_ELEM_USERDATA = 1, 4, 5, 6
@@ -38,10 +39,6 @@ NFTA_DATA_VALUE = 1
 NFTNL_UDATA_SET_ELEM_COMMENT = 0
 FAMILIES = {"inet": 1, "ip": 2, "ip6": 10}       # NFPROTO_*
 
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
-    return raw + b"\0" * (-len(raw) % 4)
 
 
 def _pad4(b: bytes) -> bytes:
@@ -71,18 +68,18 @@ def add_batch(layout: NftLayout, elements: Iterable[Element], first_seq: int) ->
     for e in elements:
         name, _value = e.target(layout)
         comment = e.call_id[:COMMENT_MAX].encode() + b"\0"
-        item = (_attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED, _attr(NFTA_DATA_VALUE, element_key(e)))
-                + _attr(NFTA_SET_ELEM_TIMEOUT, timeout) + _attr(NFTA_SET_ELEM_EXPIRATION, timeout)
-                + _attr(NFTA_SET_ELEM_USERDATA, bytes([NFTNL_UDATA_SET_ELEM_COMMENT, len(comment)]) + comment))
-        by_set.setdefault(name, []).append(_attr(NFTA_LIST_ELEM | NLA_F_NESTED, item))
+        item = (nla(NFTA_SET_ELEM_KEY | NLA_F_NESTED, nla(NFTA_DATA_VALUE, element_key(e)))
+                + nla(NFTA_SET_ELEM_TIMEOUT, timeout) + nla(NFTA_SET_ELEM_EXPIRATION, timeout)
+                + nla(NFTA_SET_ELEM_USERDATA, bytes([NFTNL_UDATA_SET_ELEM_COMMENT, len(comment)]) + comment))
+        by_set.setdefault(name, []).append(nla(NFTA_LIST_ELEM | NLA_F_NESTED, item))
     seq = first_seq
     parts = [_message(NFNL_MSG_BATCH_BEGIN, socket.AF_UNSPEC, NLM_F_REQUEST, seq, b"", NFNL_SUBSYS_NFTABLES)]
     acked = []
     for name, items in sorted(by_set.items()):
         seq += 1
-        body = (_attr(NFTA_SET_ELEM_LIST_TABLE, layout.table_name.encode() + b"\0")
-                + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
-                + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, b"".join(items)))
+        body = (nla(NFTA_SET_ELEM_LIST_TABLE, layout.table_name.encode() + b"\0")
+                + nla(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
+                + nla(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, b"".join(items)))
         parts.append(_message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM, family,
                               NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK, seq, body))
         acked.append(seq)
