@@ -20,13 +20,11 @@ import socket
 import struct
 from typing import Iterable
 
-from rtpproxy.netlink import NLA_F_NESTED, nla
+from rtpproxy.netlink import NLA_F_NESTED, nla, open_socket, read_acks
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_DELETE = 2
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
-NLMSG_ERROR = 2
 CTA_TUPLE_ORIG = 1
 CTA_MARK, CTA_MARK_MASK = 8, 21
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
@@ -70,9 +68,7 @@ class Conntrack:
     """A ctnetlink socket (needs CAP_NET_ADMIN), opened once and kept."""
 
     def __init__(self):
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        self.sock.bind((0, 0))
-        self.sock.settimeout(2.0)
+        self.sock = open_socket()
         self._seq = 0
 
     def close(self) -> None:
@@ -96,18 +92,8 @@ class Conntrack:
         if not msgs:
             return 0
         self.sock.send(b"".join(msgs))
-        deleted = 0
-        while pending:
-            data = self.sock.recv(65536)
-            off = 0
-            while off + 16 <= len(data):
-                length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
-                if kind == NLMSG_ERROR and seq in pending:
-                    pending.discard(seq)
-                    err = -struct.unpack_from("=i", data, off + 16)[0]
-                    if err == 0:
-                        deleted += 1
-                    elif err != errno.ENOENT:
-                        raise OSError(err, f"conntrack delete: {os.strerror(err)}")
-                off += (length + 3) & ~3 if length else len(data)
-        return deleted
+        answers = read_acks(self.sock, pending)
+        for err in answers.values():
+            if err not in (0, errno.ENOENT):
+                raise OSError(err, f"conntrack delete: {os.strerror(err)}")
+        return sum(1 for err in answers.values() if err == 0)

@@ -22,16 +22,14 @@ import struct
 from typing import Iterable
 
 from rtpproxy.errors import NftError
-from rtpproxy.netlink import NLA_F_NESTED, nla
+from rtpproxy.netlink import NLA_F_NESTED, nla, open_socket, read_acks
 from rtpproxy.nftmgr import COMMENT_MAX, Element, NftLayout
 
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 16, 17
 NFT_MSG_NEWSETELEM = 12
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
-NLMSG_ERROR = 2
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_TIMEOUT, NFTA_SET_ELEM_EXPIRATION, NFTA_SET_ELEM_USERDATA = 1, 4, 5, 6
@@ -94,11 +92,9 @@ class ElementWriter:
     def __init__(self, layout: NftLayout):
         self.layout = layout
         try:
-            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-            self.sock.bind((0, 0))
+            self.sock = open_socket()
         except OSError as exc:
             raise NftError(f"cannot open an nfnetlink socket: {exc}") from None
-        self.sock.settimeout(2.0)
         self._seq = 0
 
     def close(self) -> None:
@@ -114,22 +110,10 @@ class ElementWriter:
         self._seq = last & 0x3FFFFFFF
         try:
             self.sock.send(batch)
-            error = 0
-            waiting = set(pending)
-            while waiting:
-                data = self.sock.recv(65536)
-                off = 0
-                while off + 16 <= len(data):
-                    length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
-                    if kind == NLMSG_ERROR and first <= seq <= last:   # (not a late answer to an older batch)
-                        err = -struct.unpack_from("=i", data, off + 16)[0]
-                        error = error or err
-                        waiting.discard(seq)
-                        if err and seq not in pending:    # the batch itself was refused
-                            waiting.clear()
-                    off += (length + 3) & ~3 if length else len(data)
+            answers = read_acks(self.sock, pending, fatal=(first, last))   # BATCH_BEGIN/END refused
         except OSError as exc:
             raise NftError(f"adding set elements: {exc}") from None
+        error = next((err for _seq, err in sorted(answers.items()) if err), 0)
         if error:
             raise NftError(f"adding set elements to {self.layout.family} {self.layout.table_name}: "
                            f"{os.strerror(error)}")

@@ -127,7 +127,7 @@ class CEngine:
         _check(self._lib.rp_stream_del(self._eng, stream_id), f"stream {stream_id} del")
 
     def stream_retire(self, stream_id: int) -> None:
-        """Delete without waiting: close the entry's fds only after the next quiesce()."""
+        """Delete without waiting: close the entry's fds only after quiesce() or a passed grace period."""
         _check(self._lib.rp_stream_retire(self._eng, stream_id), f"stream {stream_id} retire")
 
     def quiesce(self) -> None:

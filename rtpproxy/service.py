@@ -110,7 +110,8 @@ class MediaService:
 
     def _release(self, pair, host: str, retired: bool = False) -> None:
         """Give a pair back: its firewall holes (if opened), its port (quarantined), its sockets
-        (retired: their engine entries were retired, so they close after the next quiesce)."""
+        (retired: their engine entries were retired, so they close once a grace period has passed,
+        see new_period)."""
         if self.firewall is not None:
             self.firewall.close(_sockets(host, pair.port))
         self.pools[family_of(host)].release(pair.port, self.clock())
